@@ -1,0 +1,184 @@
+"""DIAMOND on Atari 100k: the configuration of the paper and of the official release.
+
+    python -m diamond_jax.main --config=configs/atari100k.py --workdir=runs/Breakout-0
+    python -m diamond_jax.main --config=configs/atari100k.py:game=Pong --config.seed=3 --workdir=runs/Pong-3
+    python -m diamond_jax.main --config=configs/atari100k.py:game=Pong,debug --workdir=/tmp/smoke
+
+The argument after ':' takes comma-separated presets: `game=<Name>` (one of the 26 games) and `debug`
+(tiny models and a short schedule for tests and CPU smoke runs). Any field can then be overridden with
+`--config.<field>=<value>`; values are checked before anything is computed.
+"""
+
+from ml_collections import config_dict
+
+from diamond_jax import config as config_lib
+
+
+def get_config(arg: str = "") -> config_dict.ConfigDict:
+    presets = config_lib.parse_presets(arg)
+    c = config_dict.ConfigDict()
+
+    c.game = "Breakout"  # one of the 26 Atari 100k games (diamond_jax.envs.games.ATARI_100K_GAMES)
+    c.seed = 0  # seeds every random draw: model init, sampling, collection, envs
+    c.num_devices = 0  # local devices to shard batches over; 0 = all of them
+
+    # Shared numbers, referenced by several sections so that one override changes them everywhere.
+    horizon = config_dict.FieldReference(15)
+    num_steps_conditioning = config_dict.FieldReference(4)
+    sample_weights = config_dict.FieldReference((0.1, 0.1, 0.1, 0.7), field_type=tuple)
+
+    c.env = config_dict.ConfigDict()
+    c.env.size = 64  # frames are resized to size x size RGB (area interpolation)
+    c.env.frame_skip = 4  # emulator frames per agent step, max-pooled over the last two
+    c.env.noop_max = 30  # up to this many random no-ops at reset
+    c.env.repeat_action_probability = 0.0  # sticky actions (0 = none, as in the paper)
+    c.env.full_action_space = False  # False: the game's minimal action set
+    c.env.max_episode_steps = 27_000  # agent steps per episode (108k emulator frames, NoFrameskip-v4 cap)
+    c.env.train_done_on_life_loss = True  # a life loss ends a training episode
+    c.env.test_done_on_life_loss = False  # ...but not a test episode
+
+    c.collection = config_dict.ConfigDict()
+    c.collection.train = config_dict.ConfigDict()
+    c.collection.train.num_envs = 1  # parallel environments for training collection
+    c.collection.train.epsilon = 0.01  # epsilon-greedy exploration while collecting
+    c.collection.train.num_steps_total = 100_000  # the Atari 100k budget of agent steps
+    c.collection.train.steps_per_epoch = 100  # agent steps collected at the start of each epoch
+    c.collection.train.first_epoch = config_dict.ConfigDict()
+    c.collection.train.first_epoch.min = 5_000  # initial collection: at least this many steps
+    c.collection.train.first_epoch.max = 10_000  # ...and at most this many
+    c.collection.train.first_epoch.threshold_rew = 10  # ...until the two rarest reward classes reach this count
+    c.collection.test = config_dict.ConfigDict()
+    c.collection.test.num_envs = 1  # parallel environments for test episodes
+    c.collection.test.epsilon = 0.0  # epsilon-greedy in test episodes
+    c.collection.test.num_episodes = 4  # test episodes at each evaluation
+    c.collection.test.num_final_episodes = 100  # test episodes at the end of the run
+
+    c.training = config_dict.ConfigDict()
+    c.training.num_final_epochs = 50  # training-only epochs after collection has stopped
+
+    c.evaluation = config_dict.ConfigDict()
+    c.evaluation.every = 10  # evaluate every this many epochs
+
+    c.checkpoint = config_dict.ConfigDict()
+    c.checkpoint.every_epochs = 1  # save the whole run state every this many epochs...
+    c.checkpoint.every_minutes = 30.0  # ...and inside an epoch's training when this long has passed (0 = never)
+    c.checkpoint.keep = 3  # checkpoints kept on disk (the newest ones)
+
+    c.denoiser = config_dict.ConfigDict()
+    c.denoiser.sigma_data = 0.5  # EDM: standard deviation of the data
+    c.denoiser.sigma_offset_noise = 0.3  # offset noise, one draw per image and channel
+    c.denoiser.inner_model = config_dict.ConfigDict()
+    c.denoiser.inner_model.num_steps_conditioning = num_steps_conditioning  # past frames and actions
+    c.denoiser.inner_model.cond_channels = 256  # conditioning vector (noise level + actions)
+    c.denoiser.inner_model.depths = (2, 2, 2, 2)  # residual blocks per U-Net level
+    c.denoiser.inner_model.channels = (64, 64, 64, 64)  # channels per U-Net level
+    c.denoiser.inner_model.attn_depths = (0, 0, 0, 0)  # self-attention per level (1 = on)
+    c.denoiser.sigma_distribution = config_dict.ConfigDict()
+    c.denoiser.sigma_distribution.loc = -0.4  # training sigma: log sigma ~ N(loc, scale^2)...
+    c.denoiser.sigma_distribution.scale = 1.2
+    c.denoiser.sigma_distribution.sigma_min = 2e-3  # ...clipped to [sigma_min, sigma_max]
+    c.denoiser.sigma_distribution.sigma_max = 20.0
+    c.denoiser.training = config_dict.ConfigDict()
+    c.denoiser.training.num_autoregressive_steps = 1  # extra frames predicted from the model's own output
+    c.denoiser.training.steps_first_epoch = 10_000  # updates in the first epoch
+    c.denoiser.training.steps_per_epoch = 400  # updates in every later epoch
+    c.denoiser.training.batch_size = 32  # segments per update
+    c.denoiser.training.lr_warmup_steps = 100  # linear learning-rate warm-up from 0
+    c.denoiser.training.max_grad_norm = 1.0  # gradient clipping by global norm
+    c.denoiser.training.sample_weights = sample_weights  # episode weights of the 4 age groups
+    c.denoiser.optimizer = config_dict.ConfigDict()
+    c.denoiser.optimizer.lr = 1e-4  # AdamW learning rate
+    c.denoiser.optimizer.weight_decay = 1e-2  # AdamW weight decay (weights of linear, conv and LSTM layers)
+    c.denoiser.optimizer.eps = 1e-8  # AdamW epsilon
+
+    c.rew_end_model = config_dict.ConfigDict()
+    c.rew_end_model.lstm_dim = 512  # LSTM hidden size
+    c.rew_end_model.cond_channels = 128  # action embedding, conditions every AdaGroupNorm
+    c.rew_end_model.depths = (2, 2, 2, 2)  # residual blocks per encoder level
+    c.rew_end_model.channels = (32, 32, 32, 32)  # channels per encoder level
+    c.rew_end_model.attn_depths = (0, 0, 0, 0)  # self-attention per level (1 = on)
+    c.rew_end_model.training = config_dict.ConfigDict()
+    c.rew_end_model.training.seq_length = horizon + num_steps_conditioning  # frames per segment (19)
+    c.rew_end_model.training.steps_first_epoch = 10_000  # updates in the first epoch
+    c.rew_end_model.training.steps_per_epoch = 400  # updates in every later epoch
+    c.rew_end_model.training.batch_size = 32  # segments per update
+    c.rew_end_model.training.lr_warmup_steps = 100  # linear learning-rate warm-up from 0
+    c.rew_end_model.training.max_grad_norm = 100.0  # gradient clipping by global norm
+    c.rew_end_model.training.sample_weights = sample_weights  # episode weights of the 4 age groups
+    c.rew_end_model.optimizer = config_dict.ConfigDict()
+    c.rew_end_model.optimizer.lr = 1e-4  # AdamW learning rate
+    c.rew_end_model.optimizer.weight_decay = 1e-2  # AdamW weight decay
+    c.rew_end_model.optimizer.eps = 1e-8  # AdamW epsilon
+
+    c.actor_critic = config_dict.ConfigDict()
+    c.actor_critic.lstm_dim = 512  # LSTM cell hidden size
+    c.actor_critic.channels = (32, 32, 64, 64)  # channels of the 4 encoder blocks
+    c.actor_critic.down = (1, 1, 1, 1)  # 2x2 max-pool after each block (1 = on)
+    c.actor_critic.training = config_dict.ConfigDict()
+    c.actor_critic.training.steps_first_epoch = 5_000  # updates in the first epoch
+    c.actor_critic.training.steps_per_epoch = 400  # updates in every later epoch
+    c.actor_critic.training.batch_size = 32  # imagined trajectories per update
+    c.actor_critic.training.lr_warmup_steps = 100  # linear learning-rate warm-up from 0
+    c.actor_critic.training.max_grad_norm = 100.0  # gradient clipping by global norm
+    c.actor_critic.training.sample_weights = sample_weights  # episode weights for initial conditions
+    c.actor_critic.loss = config_dict.ConfigDict()
+    c.actor_critic.loss.gamma = 0.985  # discount
+    c.actor_critic.loss.lambda_ = 0.95  # lambda of the lambda-returns
+    c.actor_critic.loss.weight_value_loss = 1.0  # weight of the value MSE
+    c.actor_critic.loss.weight_entropy_loss = 0.001  # weight of the entropy bonus
+    c.actor_critic.optimizer = config_dict.ConfigDict()
+    c.actor_critic.optimizer.lr = 1e-4  # AdamW learning rate
+    c.actor_critic.optimizer.weight_decay = 0.0  # AdamW weight decay
+    c.actor_critic.optimizer.eps = 1e-8  # AdamW epsilon
+
+    c.world_model_env = config_dict.ConfigDict()
+    c.world_model_env.horizon = horizon  # imagined steps per actor-critic update; rows truncate at it
+    c.world_model_env.sampler = config_dict.ConfigDict()
+    c.world_model_env.sampler.num_steps_denoising = 3  # n, denoiser calls per frame with Euler
+    c.world_model_env.sampler.sigma_min = 2e-3  # Karras schedule: smallest nonzero sigma
+    c.world_model_env.sampler.sigma_max = 5.0  # Karras schedule: first sigma
+    c.world_model_env.sampler.rho = 7.0  # Karras schedule: curvature
+    c.world_model_env.sampler.order = 1  # 1 = Euler, 2 = Heun
+    c.world_model_env.sampler.s_churn = 0.0  # stochastic churn (0 = deterministic ODE steps)
+    c.world_model_env.sampler.s_tmin = 0.0  # churn only for sigma in [s_tmin, s_tmax]
+    c.world_model_env.sampler.s_tmax = float("inf")
+    c.world_model_env.sampler.s_noise = 1.0  # scale of the churn noise
+
+    if presets.debug:
+        _shrink_for_debug(c)
+    c.game = presets.game or c.game
+
+    config_lib.validate(c)
+    return c.lock()
+
+
+def _shrink_for_debug(c: config_dict.ConfigDict) -> None:
+    """Tiny models and a short schedule: the whole loop runs in a few minutes on a 2-core CPU."""
+    c.env.size = 16
+    c.env.max_episode_steps = 100
+    c.collection.train.num_steps_total = 120
+    c.collection.train.steps_per_epoch = 20
+    c.collection.train.first_epoch.min = 60
+    c.collection.train.first_epoch.max = 100
+    c.collection.test.num_episodes = 1
+    c.collection.test.num_final_episodes = 2
+    c.training.num_final_epochs = 1
+    c.evaluation.every = 2
+    c.denoiser.inner_model.cond_channels = 16
+    c.denoiser.inner_model.depths = (1, 1)
+    c.denoiser.inner_model.channels = (8, 8)
+    c.denoiser.inner_model.attn_depths = (0, 0)
+    c.rew_end_model.lstm_dim = 16
+    c.rew_end_model.cond_channels = 8
+    c.rew_end_model.depths = (1, 1)
+    c.rew_end_model.channels = (8, 8)
+    c.rew_end_model.attn_depths = (0, 0)
+    c.actor_critic.lstm_dim = 16
+    c.actor_critic.channels = (8, 8)
+    c.actor_critic.down = (1, 1)
+    c.world_model_env.horizon = 5
+    for name in ("denoiser", "rew_end_model", "actor_critic"):
+        c[name].training.batch_size = 4
+        c[name].training.steps_first_epoch = 8
+        c[name].training.steps_per_epoch = 4
+        c[name].training.lr_warmup_steps = 2

@@ -1,0 +1,216 @@
+"""Config presets and validation: every bad value fails before any compute, naming the field and the fix."""
+
+import dataclasses
+import math
+from typing import Any, Optional
+
+from ml_collections import config_dict
+
+from diamond_jax.envs.games import ATARI_100K_GAMES
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the field and how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Presets:
+    game: Optional[str] = None
+    debug: bool = False
+
+
+def parse_presets(arg: str) -> Presets:
+    """Parses the text after ':' in `--config=configs/atari100k.py:game=Pong,debug`."""
+    game, debug = None, False
+    for item in filter(None, (s.strip() for s in (arg or "").split(","))):
+        key, _, value = item.partition("=")
+        if key == "game" and value:
+            game = value
+        elif item == "debug":
+            debug = True
+        else:
+            raise ConfigError(
+                f"Unknown config preset {item!r}. Presets are 'game=<Name>' and 'debug', comma-separated, "
+                f"e.g. --config=configs/atari100k.py:game=Pong,debug"
+            )
+    if game is not None:
+        _check_game(game, "preset game")
+    return Presets(game=game, debug=debug)
+
+
+def _check_game(game: Any, where: str) -> None:
+    if game not in ATARI_100K_GAMES:
+        raise ConfigError(
+            f"{where}={game!r} is not an Atari 100k game. Use one of: {', '.join(ATARI_100K_GAMES)} "
+            f"(names are case-sensitive), e.g. --config=configs/atari100k.py:game=Pong"
+        )
+
+
+def _fail(field: str, value: Any, problem: str, fix: str) -> None:
+    raise ConfigError(f"config.{field}={value!r}: {problem}. Fix: {fix}.")
+
+
+def _get(c: config_dict.ConfigDict, field: str) -> Any:
+    value = c
+    for part in field.split("."):
+        value = value[part]
+    return value
+
+
+def validate(c: config_dict.ConfigDict) -> None:
+    """Raises ConfigError on the first impossible value of a config built by configs/atari100k.py."""
+    _check_game(c.game, "config.game")
+
+    def positive_int(*fields: str) -> None:
+        for f in fields:
+            v = _get(c, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                _fail(f, v, "must be a positive integer", f"set --config.{f} to an integer >= 1")
+
+    def non_negative(*fields: str) -> None:
+        for f in fields:
+            v = _get(c, f)
+            if not isinstance(v, (int, float)) or not v >= 0:
+                _fail(f, v, "must be a number >= 0", f"set --config.{f} to a value >= 0")
+
+    def strictly_positive(*fields: str) -> None:
+        for f in fields:
+            v = _get(c, f)
+            if not isinstance(v, (int, float)) or not (v > 0 and math.isfinite(v)):
+                _fail(f, v, "must be a finite number > 0", f"set --config.{f} to a value > 0")
+
+    def probability(*fields: str) -> None:
+        for f in fields:
+            v = _get(c, f)
+            if not isinstance(v, (int, float)) or not 0 <= v <= 1:
+                _fail(f, v, "must lie in [0, 1]", f"set --config.{f} to a value between 0 and 1")
+
+    if not isinstance(c.seed, int) or c.seed < 0:
+        _fail("seed", c.seed, "must be an integer >= 0", "pass e.g. --config.seed=3")
+    if not isinstance(c.num_devices, int) or c.num_devices < 0:
+        _fail("num_devices", c.num_devices, "must be an integer >= 0", "use 0 for all local devices")
+
+    # Environment.
+    positive_int("env.size", "env.frame_skip", "env.max_episode_steps")
+    if not isinstance(c.env.noop_max, int) or c.env.noop_max < 0:
+        _fail("env.noop_max", c.env.noop_max, "must be an integer >= 0", "use 30 (the paper) or 0 for no no-ops")
+    probability("env.repeat_action_probability")
+
+    # Collection and schedule.
+    t = c.collection.train
+    positive_int("collection.train.num_envs", "collection.train.num_steps_total",
+                 "collection.train.steps_per_epoch", "collection.train.first_epoch.min",
+                 "collection.train.first_epoch.max", "collection.test.num_envs",
+                 "collection.test.num_episodes", "collection.test.num_final_episodes", "evaluation.every",
+                 "checkpoint.every_epochs", "checkpoint.keep")
+    non_negative("collection.train.first_epoch.threshold_rew", "training.num_final_epochs",
+                 "checkpoint.every_minutes")
+    probability("collection.train.epsilon", "collection.test.epsilon")
+    if not t.first_epoch.min <= t.first_epoch.max <= t.num_steps_total:
+        _fail("collection.train.first_epoch", (t.first_epoch.min, t.first_epoch.max),
+              f"needs min <= max <= num_steps_total ({t.num_steps_total})",
+              "lower first_epoch.min/max or raise collection.train.num_steps_total")
+    for f in ("num_steps_total", "first_epoch.min", "first_epoch.max"):
+        if _get(t, f) % t.steps_per_epoch:
+            _fail(f"collection.train.{f}", _get(t, f),
+                  f"must be a multiple of collection.train.steps_per_epoch ({t.steps_per_epoch}) so that "
+                  "collection ends exactly at the budget", "round it to a multiple")
+    if t.steps_per_epoch % t.num_envs:
+        _fail("collection.train.steps_per_epoch", t.steps_per_epoch,
+              f"must be a multiple of collection.train.num_envs ({t.num_envs}): each env step adds one "
+              "agent step per env", "change either value")
+
+    # Denoiser.
+    strictly_positive("denoiser.sigma_data", "denoiser.sigma_distribution.scale",
+                      "denoiser.sigma_distribution.sigma_min", "denoiser.sigma_distribution.sigma_max")
+    non_negative("denoiser.sigma_offset_noise")
+    sd = c.denoiser.sigma_distribution
+    if not sd.sigma_min < sd.sigma_max:
+        _fail("denoiser.sigma_distribution.sigma_min", sd.sigma_min,
+              f"must be < sigma_max ({sd.sigma_max})", "swap or change the two values")
+    im = c.denoiser.inner_model
+    positive_int("denoiser.inner_model.num_steps_conditioning", "denoiser.inner_model.cond_channels",
+                 "denoiser.training.num_autoregressive_steps")
+    if im.cond_channels % 2 or im.cond_channels % im.num_steps_conditioning:
+        _fail("denoiser.inner_model.cond_channels", im.cond_channels,
+              f"must be even (Fourier features) and divisible by num_steps_conditioning "
+              f"({im.num_steps_conditioning}, one action embedding each)", "use e.g. 256")
+    _check_levels(c, "denoiser.inner_model", im.depths, im.channels, im.attn_depths)
+    _check_levels(c, "rew_end_model", c.rew_end_model.depths, c.rew_end_model.channels,
+                  c.rew_end_model.attn_depths)
+    positive_int("rew_end_model.lstm_dim", "rew_end_model.cond_channels", "rew_end_model.training.seq_length")
+    if c.rew_end_model.training.seq_length < 2:
+        _fail("rew_end_model.training.seq_length", c.rew_end_model.training.seq_length,
+              "needs at least 2 frames (one transition)", "use horizon + num_steps_conditioning")
+
+    # Actor-critic.
+    ac = c.actor_critic
+    positive_int("actor_critic.lstm_dim")
+    if len(ac.channels) != len(ac.down) or not ac.channels:
+        _fail("actor_critic.channels", ac.channels, f"needs one entry per entry of actor_critic.down ({ac.down})",
+              "give both the same length")
+    for i, ch in enumerate(ac.channels):
+        _check_channels(f"actor_critic.channels[{i}]", ch)
+    if c.env.size % 2 ** sum(map(bool, ac.down)):
+        _fail("env.size", c.env.size, f"must be divisible by 2^{sum(map(bool, ac.down))} (the actor-critic's "
+              "max-pools)", "use 64 or change actor_critic.down")
+    for f in ("gamma", "lambda_"):
+        probability(f"actor_critic.loss.{f}")
+    non_negative("actor_critic.loss.weight_value_loss", "actor_critic.loss.weight_entropy_loss")
+
+    # Optimisation, shared by the three models.
+    for name in ("denoiser", "rew_end_model", "actor_critic"):
+        positive_int(f"{name}.training.steps_first_epoch", f"{name}.training.batch_size")
+        non_negative(f"{name}.training.steps_per_epoch", f"{name}.training.lr_warmup_steps",
+                     f"{name}.optimizer.weight_decay")
+        strictly_positive(f"{name}.training.max_grad_norm", f"{name}.optimizer.lr", f"{name}.optimizer.eps")
+        w = c[name].training.sample_weights
+        if (not w or any(not isinstance(x, (int, float)) or not 0 <= x <= 1 for x in w)
+                or abs(sum(w) - 1) > 1e-6):
+            _fail(f"{name}.training.sample_weights", w, "must be weights in [0, 1] summing to 1",
+                  "e.g. (0.1, 0.1, 0.1, 0.7)")
+
+    # World model as an environment and its sampler.
+    positive_int("world_model_env.horizon", "world_model_env.sampler.num_steps_denoising")
+    s = c.world_model_env.sampler
+    strictly_positive("world_model_env.sampler.sigma_min", "world_model_env.sampler.sigma_max",
+                      "world_model_env.sampler.rho")
+    if not s.sigma_min < s.sigma_max:
+        _fail("world_model_env.sampler.sigma_min", s.sigma_min, f"must be < sigma_max ({s.sigma_max})",
+              "swap or change the two values")
+    if s.order not in (1, 2):
+        _fail("world_model_env.sampler.order", s.order, "must be 1 (Euler) or 2 (Heun)", "set 1 or 2")
+    non_negative("world_model_env.sampler.s_churn", "world_model_env.sampler.s_noise",
+                 "world_model_env.sampler.s_tmin")
+    if not s.s_tmin <= s.s_tmax:
+        _fail("world_model_env.sampler.s_tmin", s.s_tmin, f"must be <= s_tmax ({s.s_tmax})",
+              "lower s_tmin or raise s_tmax (inf = no upper bound)")
+
+
+def _check_channels(field: str, ch: Any) -> None:
+    if not isinstance(ch, int) or ch < 1:
+        _fail(field, ch, "must be a positive integer", "use e.g. 32 or 64")
+    groups = max(1, ch // 32)
+    if ch % groups:
+        _fail(field, ch, f"must be divisible by its {groups} GroupNorm groups (groups of 32 channels)",
+              "use a multiple of 32, or fewer than 64 channels")
+
+
+def _check_levels(c: config_dict.ConfigDict, prefix: str, depths, channels, attn_depths) -> None:
+    if not (len(depths) == len(channels) == len(attn_depths)) or not depths:
+        _fail(f"{prefix}.depths", depths, f"depths, channels {tuple(channels)} and attn_depths "
+              f"{tuple(attn_depths)} need one entry per level, same length", "give the three the same length")
+    for i, d in enumerate(depths):
+        if not isinstance(d, int) or d < 1:
+            _fail(f"{prefix}.depths[{i}]", d, "must be a positive integer", "use e.g. 2")
+    for i, ch in enumerate(channels):
+        _check_channels(f"{prefix}.channels[{i}]", ch)
+        heads = max(1, ch // 8)
+        has_attention = attn_depths[i] or i == len(channels) - 1  # the middle blocks always attend
+        if has_attention and ch % heads:
+            _fail(f"{prefix}.channels[{i}]", ch, f"must be divisible by its {heads} attention heads of 8 channels",
+                  "use a multiple of 8")
+    factor = 2 ** (len(channels) - 1)
+    if c.env.size % factor:
+        _fail("env.size", c.env.size, f"must be divisible by 2^{len(channels) - 1} = {factor} ({prefix} has "
+              f"{len(channels)} levels)", "use 64 or fewer levels")

@@ -1,0 +1,1 @@
+"""Replay data: episodes, segment sampling, persistence."""

@@ -1,0 +1,1 @@
+"""Real environments (envpool Atari with DIAMOND's preprocessing)."""

@@ -1,0 +1,251 @@
+"""Layers shared by the three models, NHWC, laid out layer for layer like the official release.
+
+Module and parameter names follow the official PyTorch modules (`d_blocks_0/resblocks_1/norm1/linear`
+for `d_blocks.0.resblocks.1.norm1.linear`) so that official checkpoints map onto ours by name.
+Initialisation follows PyTorch's defaults, which the official training recipe was tuned with.
+"""
+
+import math
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+GN_GROUP_SIZE = 32
+GN_EPS = 1e-5
+ATTN_HEAD_DIM = 8
+
+Initializer = Callable[..., jax.Array]
+
+# PyTorch's default for Linear and Conv weights: kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)).
+torch_default_kernel_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
+def torch_default_bias_init(fan_in: int) -> Initializer:
+    bound = 1 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def num_groups(channels: int) -> int:
+    return max(1, channels // GN_GROUP_SIZE)
+
+
+class Dense(nn.Module):
+    """Linear layer with PyTorch's default initialisation (or zeros)."""
+
+    features: int
+    use_bias: bool = True
+    zero_init: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        fan_in = x.shape[-1]
+        kernel_init = nn.initializers.zeros if self.zero_init else torch_default_kernel_init
+        kernel = self.param("kernel", kernel_init, (fan_in, self.features))
+        y = x @ kernel
+        if self.use_bias:
+            bias_init = nn.initializers.zeros if self.zero_init else torch_default_bias_init(fan_in)
+            y = y + self.param("bias", bias_init, (self.features,))
+        return y
+
+
+class Conv(nn.Module):
+    """Square convolution with PyTorch's padding (k // 2 on every side) and default initialisation.
+
+    `kernel_init` replaces the weight initialiser (zeros, orthogonal); the bias keeps PyTorch's default
+    unless `zero_bias`.
+    """
+
+    features: int
+    kernel_size: int = 3
+    stride: int = 1
+    kernel_init: Optional[Initializer] = None
+    zero_bias: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k = self.kernel_size
+        fan_in = x.shape[-1] * k * k
+        kernel = self.param("kernel", self.kernel_init or torch_default_kernel_init, (k, k, x.shape[-1], self.features))
+        bias_init = nn.initializers.zeros if self.zero_bias else torch_default_bias_init(fan_in)
+        bias = self.param("bias", bias_init, (self.features,))
+        # Explicit symmetric padding: SAME would pad stride-2 convolutions on one side only, unlike PyTorch.
+        y = jax.lax.conv_general_dilated(
+            x, kernel, (self.stride, self.stride), [(k // 2, k // 2)] * 2,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+        return y + bias
+
+
+class GroupNorm(nn.Module):
+    """GroupNorm with groups of 32 channels (at least one group), learned affine."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return nn.GroupNorm(num_groups(x.shape[-1]), epsilon=GN_EPS, use_fast_variance=False, name="norm")(x)
+
+
+class AdaGroupNorm(nn.Module):
+    """GroupNorm whose scale and shift are predicted from a conditioning vector."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cond: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        x = nn.GroupNorm(num_groups(c), epsilon=GN_EPS, use_scale=False, use_bias=False, use_fast_variance=False)(x)
+        scale, shift = jnp.split(Dense(2 * c, name="linear")(cond)[:, None, None, :], 2, axis=-1)
+        return x * (1 + scale) + shift
+
+
+class SelfAttention2d(nn.Module):
+    """Multi-head self-attention over the pixels, heads of 8 channels."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n, h, w, c = x.shape
+        n_head = max(1, c // ATTN_HEAD_DIM)
+        head_dim = c // n_head
+        x = GroupNorm(name="norm")(x)
+        qkv = Conv(3 * c, kernel_size=1, name="qkv_proj")(x)
+        # Channels are [q heads | k heads | v heads], each head contiguous, as in the official layout.
+        qkv = qkv.reshape(n, h * w, 3, n_head, head_dim).transpose(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        att = jax.nn.softmax(q @ k.swapaxes(-1, -2) / math.sqrt(head_dim), axis=-1)
+        y = (att @ v).transpose(0, 2, 1, 3).reshape(n, h, w, c)
+        # The official block adds the output to the *normalised* input; kept for checkpoint compatibility.
+        return x + Conv(c, kernel_size=1, kernel_init=nn.initializers.zeros, zero_bias=True, name="out_proj")(y)
+
+
+class FourierFeatures(nn.Module):
+    """Fixed random Fourier features of a scalar per row (a buffer, not a trained parameter)."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        assert x.ndim == 1, x.shape
+        weight = self.variable(
+            "buffers", "weight", lambda: jax.random.normal(self.make_rng("params"), (1, self.features // 2))
+        ).value
+        f = 2 * math.pi * x[:, None] @ weight
+        return jnp.concatenate([jnp.cos(f), jnp.sin(f)], axis=-1)
+
+
+class Downsample(nn.Module):
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return Conv(x.shape[-1], stride=2, kernel_init=nn.initializers.orthogonal(), name="conv")(x)
+
+
+class Upsample(nn.Module):
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return Conv(x.shape[-1], name="conv")(x)
+
+
+class SmallResBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv3x3, plus the input (1x1-projected when channels change)."""
+
+    out_channels: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        skip = x if x.shape[-1] == self.out_channels else Conv(self.out_channels, 1, name="skip_projection")(x)
+        # Named f_0 and f_2 like the official nn.Sequential(GroupNorm, SiLU, Conv3x3).
+        return skip + Conv(self.out_channels, name="f_2")(nn.silu(GroupNorm(name="f_0")(x)))
+
+
+class ResBlock(nn.Module):
+    """AdaGroupNorm -> SiLU -> conv3x3 -> AdaGroupNorm -> SiLU -> conv3x3 (zero-init), residual, attention."""
+
+    out_channels: int
+    attn: bool
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cond: jax.Array) -> jax.Array:
+        r = x if x.shape[-1] == self.out_channels else Conv(self.out_channels, 1, name="proj")(x)
+        x = Conv(self.out_channels, name="conv1")(nn.silu(AdaGroupNorm(name="norm1")(x, cond)))
+        x = Conv(self.out_channels, kernel_init=nn.initializers.zeros, name="conv2")(
+            nn.silu(AdaGroupNorm(name="norm2")(x, cond)))
+        x = x + r
+        return SelfAttention2d(name="attn")(x) if self.attn else x
+
+
+class ResBlocks(nn.Module):
+    """A sequence of ResBlocks; with `to_cat`, each block first concatenates one skip tensor."""
+
+    out_channels: Sequence[int]
+    attn: bool
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cond: jax.Array,
+                 to_cat: Optional[Sequence[jax.Array]] = None) -> Tuple[jax.Array, List[jax.Array]]:
+        outputs = []
+        for i, out_ch in enumerate(self.out_channels):
+            if to_cat is not None:
+                x = jnp.concatenate([x, to_cat[i]], axis=-1)
+            x = ResBlock(out_ch, self.attn, name=f"resblocks_{i}")(x, cond)
+            outputs.append(x)
+        return x, outputs
+
+
+class UNet(nn.Module):
+    """The official U-Net: levels of ResBlocks, two attention blocks in the middle, skips at every block."""
+
+    depths: Sequence[int]
+    channels: Sequence[int]
+    attn_depths: Sequence[int]
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cond: jax.Array) -> jax.Array:
+        depths, channels = self.depths, self.channels
+        num_down = len(channels) - 1
+        assert x.shape[1] % 2 ** num_down == 0 and x.shape[2] % 2 ** num_down == 0, (x.shape, num_down)
+
+        d_outputs = []
+        for i, n in enumerate(depths):
+            x_down = Downsample(name=f"downsamples_{i}")(x) if i > 0 else x
+            x, block_outputs = ResBlocks([channels[i]] * n, bool(self.attn_depths[i]), name=f"d_blocks_{i}")(
+                x_down, cond)
+            d_outputs.append((x_down, *block_outputs))
+
+        x, _ = ResBlocks([channels[-1]] * 2, True, name="mid_blocks")(x, cond)
+
+        # Up level j mirrors down level i = L-1-j, and ends with the channels of the level above.
+        for j, skip in enumerate(reversed(d_outputs)):
+            i = len(depths) - 1 - j
+            x = Upsample(name=f"upsamples_{j}")(x) if j > 0 else x
+            out = [channels[i]] * depths[i] + [channels[max(0, i - 1)]]
+            x, _ = ResBlocks(out, bool(self.attn_depths[i]), name=f"u_blocks_{j}")(x, cond, skip[::-1])
+        return x
+
+
+class LSTMCell(nn.Module):
+    """LSTM cell with PyTorch's parameter layout (gates i, f, g, o) and the official initialisation:
+    Xavier-uniform input weights, orthogonal recurrent weights, zero biases but a forget-gate bias of 1.
+    """
+
+    hidden: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array, hx_cx: Tuple[jax.Array, jax.Array]) -> Tuple[jax.Array, jax.Array]:
+        hx, cx = hx_cx
+        h = self.hidden
+
+        def forget_bias_one(key, shape, dtype=jnp.float32):
+            return jnp.zeros(shape, dtype).at[h:2 * h].set(1)
+
+        w_ih = self.param("kernel_ih", nn.initializers.xavier_uniform(), (x.shape[-1], 4 * h))
+        w_hh = self.param("kernel_hh", nn.initializers.orthogonal(), (h, 4 * h))
+        b_ih = self.param("bias_ih", forget_bias_one, (4 * h,))
+        b_hh = self.param("bias_hh", nn.initializers.zeros, (4 * h,))
+        gates = x @ w_ih + b_ih + hx @ w_hh + b_hh
+        i, f, g, o = jnp.split(gates, 4, axis=-1)
+        cx = jax.nn.sigmoid(f) * cx + jax.nn.sigmoid(i) * jnp.tanh(g)
+        hx = jax.nn.sigmoid(o) * jnp.tanh(cx)
+        return hx, cx

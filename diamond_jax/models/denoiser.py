@@ -1,0 +1,192 @@
+"""The EDM denoiser D(x, sigma | past frames, past actions) of DIAMOND (SPEC section 3).
+
+D = c_skip * x + c_out * F(c_in * x, c_noise, obs / sigma_data, act), F the U-Net below. Frames are NHWC
+in [-1, 1]; a batch of past frames is [b, t, h, w, c] and enters F stacked on the channel axis.
+"""
+
+import dataclasses
+from typing import Any, Dict, NamedTuple, Sequence, Tuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from diamond_jax.data.batch import Batch
+from diamond_jax.models.blocks import Conv, Dense, FourierFeatures, GroupNorm, UNet
+
+IMG_CHANNELS = 3
+Variables = Dict[str, Any]  # {"params": ..., "buffers": ...}
+
+
+class InnerModel(nn.Module):
+    """F: a U-Net conditioned on the noise level and the past actions through every AdaGroupNorm."""
+
+    num_actions: int
+    num_steps_conditioning: int
+    cond_channels: int
+    depths: Sequence[int]
+    channels: Sequence[int]
+    attn_depths: Sequence[int]
+
+    @nn.compact
+    def __call__(self, noisy_next_obs: jax.Array, c_noise: jax.Array, obs: jax.Array, act: jax.Array) -> jax.Array:
+        b = noisy_next_obs.shape[0]
+        chex.assert_shape(noisy_next_obs, (b, None, None, IMG_CHANNELS))
+        chex.assert_shape(obs, (b, None, None, self.num_steps_conditioning * IMG_CHANNELS))
+        chex.assert_shape(act, (b, self.num_steps_conditioning))
+        act_emb = nn.Embed(self.num_actions, self.cond_channels // self.num_steps_conditioning,
+                           embedding_init=nn.initializers.normal(1.0), name="act_emb_0")(act).reshape(b, -1)
+        noise_emb = FourierFeatures(self.cond_channels, name="noise_emb")(jnp.broadcast_to(c_noise, (b,)))
+        cond = Dense(self.cond_channels, name="cond_proj_0")(noise_emb + act_emb)
+        cond = Dense(self.cond_channels, name="cond_proj_2")(nn.silu(cond))
+        x = Conv(self.channels[0], name="conv_in")(jnp.concatenate([obs, noisy_next_obs], axis=-1))
+        x = UNet(self.depths, self.channels, self.attn_depths, name="unet")(x, cond)
+        return Conv(IMG_CHANNELS, kernel_init=nn.initializers.zeros, name="conv_out")(
+            nn.silu(GroupNorm(name="norm_out")(x)))
+
+
+class Conditioners(NamedTuple):
+    c_in: jax.Array
+    c_out: jax.Array
+    c_skip: jax.Array
+    c_noise: jax.Array
+
+
+def compute_conditioners(sigma: jax.Array, sigma_data: float, sigma_offset_noise: float) -> Conditioners:
+    """EDM preconditioning with offset noise: the effective noise level is sqrt(sigma^2 + offset^2)."""
+    sigma = jnp.sqrt(sigma ** 2 + sigma_offset_noise ** 2)
+    c_in = 1 / jnp.sqrt(sigma ** 2 + sigma_data ** 2)
+    c_skip = sigma_data ** 2 / (sigma ** 2 + sigma_data ** 2)
+    c_out = sigma * jnp.sqrt(c_skip)
+    c_noise = jnp.log(sigma) / 4
+    return Conditioners(c_in, c_out, c_skip, c_noise)
+
+
+def quantize(x: jax.Array) -> jax.Array:
+    """Clips to [-1, 1] and snaps to the 256 levels of a uint8 frame, truncating like the official `.byte()`."""
+    return jnp.floor((jnp.clip(x, -1, 1) + 1) / 2 * 255) / 255 * 2 - 1
+
+
+def stack_frames(obs: jax.Array) -> jax.Array:
+    """[b, t, h, w, c] -> [b, h, w, t * c], frame-major channels like the official reshape."""
+    b, t, h, w, c = obs.shape
+    return obs.transpose(0, 2, 3, 1, 4).reshape(b, h, w, t * c)
+
+
+def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean of x over the rows where mask is set (x: [b, ...], mask: [b]); 0 when no row is set."""
+    mask = mask.reshape(mask.shape + (1,) * (x.ndim - mask.ndim)).astype(x.dtype)
+    count = jnp.sum(jnp.broadcast_to(mask, x.shape))
+    return jnp.sum(x * mask) / jnp.maximum(count, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Denoiser:
+    """The denoiser as pure functions of its variables; hashable, so jitted functions can close over it."""
+
+    num_actions: int
+    num_steps_conditioning: int = 4
+    cond_channels: int = 256
+    depths: Tuple[int, ...] = (2, 2, 2, 2)
+    channels: Tuple[int, ...] = (64, 64, 64, 64)
+    attn_depths: Tuple[int, ...] = (0, 0, 0, 0)
+    sigma_data: float = 0.5
+    sigma_offset_noise: float = 0.3
+    # Training noise levels: log sigma ~ N(loc, scale^2), clipped.
+    sigma_loc: float = -0.4
+    sigma_scale: float = 1.2
+    sigma_train_min: float = 2e-3
+    sigma_train_max: float = 20.0
+
+    @classmethod
+    def from_config(cls, config, num_actions: int) -> "Denoiser":
+        d, im, sd = config.denoiser, config.denoiser.inner_model, config.denoiser.sigma_distribution
+        return cls(
+            num_actions=num_actions, num_steps_conditioning=im.num_steps_conditioning,
+            cond_channels=im.cond_channels, depths=tuple(im.depths), channels=tuple(im.channels),
+            attn_depths=tuple(im.attn_depths), sigma_data=d.sigma_data, sigma_offset_noise=d.sigma_offset_noise,
+            sigma_loc=sd.loc, sigma_scale=sd.scale, sigma_train_min=sd.sigma_min, sigma_train_max=sd.sigma_max,
+        )
+
+    @property
+    def inner_model(self) -> InnerModel:
+        return InnerModel(self.num_actions, self.num_steps_conditioning, self.cond_channels, self.depths,
+                          self.channels, self.attn_depths)
+
+    def init(self, key: jax.Array, size: int) -> Variables:
+        n = self.num_steps_conditioning
+        return dict(self.inner_model.init(
+            key, jnp.zeros((1, size, size, IMG_CHANNELS)), jnp.zeros((1,)),
+            jnp.zeros((1, size, size, n * IMG_CHANNELS)), jnp.zeros((1, n), jnp.int32)))
+
+    def conditioners(self, sigma: jax.Array) -> Conditioners:
+        cs = compute_conditioners(sigma, self.sigma_data, self.sigma_offset_noise)
+        # c_in, c_out, c_skip broadcast over pixels; c_noise stays one value per row.
+        return Conditioners(*(c[:, None, None, None] for c in cs[:3]), cs.c_noise)
+
+    def model_output(self, variables: Variables, noisy_next_obs: jax.Array, obs: jax.Array, act: jax.Array,
+                     cs: Conditioners) -> jax.Array:
+        """F(c_in * x, c_noise, obs / sigma_data, act); obs: [b, t, h, w, c] past frames in [-1, 1]."""
+        return self.inner_model.apply(variables, noisy_next_obs * cs.c_in, cs.c_noise,
+                                      stack_frames(obs) / self.sigma_data, act)
+
+    def wrap_model_output(self, noisy_next_obs: jax.Array, model_output: jax.Array, cs: Conditioners) -> jax.Array:
+        return quantize(cs.c_skip * noisy_next_obs + cs.c_out * model_output)
+
+    def denoise(self, variables: Variables, noisy_next_obs: jax.Array, sigma: jax.Array, obs: jax.Array,
+                act: jax.Array) -> jax.Array:
+        """D(x, sigma), clipped and quantised. sigma: a scalar or one value per row."""
+        b = noisy_next_obs.shape[0]
+        chex.assert_shape(obs, (b, self.num_steps_conditioning) + noisy_next_obs.shape[1:])
+        cs = self.conditioners(jnp.broadcast_to(sigma, (b,)))
+        return self.wrap_model_output(noisy_next_obs, self.model_output(variables, noisy_next_obs, obs, act, cs), cs)
+
+    def sample_sigma_training(self, key: jax.Array, n: int) -> jax.Array:
+        log_sigma = jax.random.normal(key, (n,)) * self.sigma_scale + self.sigma_loc
+        return jnp.clip(jnp.exp(log_sigma), self.sigma_train_min, self.sigma_train_max)
+
+    def apply_noise(self, key: jax.Array, x: jax.Array, sigma: jax.Array) -> jax.Array:
+        """x + offset * (one normal draw per image and channel) + sigma * noise."""
+        key_offset, key_noise = jax.random.split(key)
+        b, _, _, c = x.shape
+        offset = self.sigma_offset_noise * jax.random.normal(key_offset, (b, 1, 1, c))
+        return x + offset + jax.random.normal(key_noise, x.shape) * sigma[:, None, None, None]
+
+    def loss(self, params: Any, buffers: Any, batch: Batch, key: jax.Array) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+        """Mean over the predicted frames of the masked MSE of F against its EDM target.
+
+        Each frame after the first is predicted from a context whose newest frame is the model's own
+        (clipped, quantised, gradient-free) denoised output for the frame before, as in the official trainer.
+        """
+        n = self.num_steps_conditioning
+        b, t = batch.act.shape
+        chex.assert_shape(batch.obs, (b, t, None, None, IMG_CHANNELS))
+        chex.assert_shape(batch.mask_padding, (b, t))
+        seq_length = t - n
+        assert seq_length >= 1, f"segments need more than {n} frames, got {t}"
+        variables = {"params": params, "buffers": buffers}
+
+        def step(all_obs, inputs):
+            i, key_i = inputs
+            key_sigma, key_noise = jax.random.split(key_i)
+            obs = jax.lax.dynamic_slice_in_dim(all_obs, i, n, axis=1)
+            act = jax.lax.dynamic_slice_in_dim(batch.act, i, n, axis=1)
+            next_obs = jax.lax.dynamic_index_in_dim(all_obs, n + i, axis=1, keepdims=False)
+            mask = jax.lax.dynamic_index_in_dim(batch.mask_padding, n + i, axis=1, keepdims=False)
+
+            sigma = self.sample_sigma_training(key_sigma, b)
+            noisy_next_obs = self.apply_noise(key_noise, next_obs, sigma)
+            cs = self.conditioners(sigma)
+            model_output = self.model_output(variables, noisy_next_obs, obs, act, cs)
+            target = (next_obs - cs.c_skip * noisy_next_obs) / cs.c_out
+            loss = masked_mean((model_output - target) ** 2, mask)
+
+            denoised = jax.lax.stop_gradient(self.wrap_model_output(noisy_next_obs, model_output, cs))
+            all_obs = jax.lax.dynamic_update_index_in_dim(all_obs, denoised, n + i, axis=1)
+            return all_obs, loss
+
+        # A scan, not a Python loop, so that the U-Net is compiled once whatever the number of steps.
+        _, losses = jax.lax.scan(step, batch.obs, (jnp.arange(seq_length), jax.random.split(key, seq_length)))
+        loss = jnp.mean(losses)
+        return loss, {"loss_denoising": loss}

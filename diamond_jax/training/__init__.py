@@ -1,0 +1,1 @@
+"""Training machinery: device mesh, jitted updates, the epoch loop, checkpoints, logging."""

@@ -1,0 +1,82 @@
+"""One jitted, data-parallel update per model: AdamW with linear warm-up and grad-norm clipping."""
+
+from typing import Any, Callable, Dict, Tuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from jax.sharding import Mesh
+
+from diamond_jax.training import parallel
+
+Metrics = Dict[str, jax.Array]
+LossFn = Callable[[Any, Any, Any, jax.Array], Tuple[jax.Array, Metrics]]  # (params, buffers, batch, key)
+
+
+class TrainState(struct.PyTreeNode):
+    step: jax.Array
+    params: Any
+    buffers: Any  # variables that are part of the model but not trained (fixed Fourier weights)
+    opt_state: Any
+
+    @classmethod
+    def create(cls, variables: Dict[str, Any], optimizer: optax.GradientTransformation) -> "TrainState":
+        params = variables["params"]
+        return cls(step=jnp.zeros((), jnp.int32), params=params, buffers=variables.get("buffers", {}),
+                   opt_state=optimizer.init(params))
+
+
+def warmup_schedule(lr: float, warmup_steps: int) -> optax.Schedule:
+    """lr * step / warmup_steps for the first warmup_steps updates (so the first update has lr 0), then lr."""
+
+    def schedule(count):
+        return lr * jnp.where(count >= warmup_steps, 1.0, count / max(1, warmup_steps))
+
+    return schedule
+
+
+def decay_mask(params: Any) -> Any:
+    """Weight decay on the weights of linear, convolution and LSTM layers only, as the official optimiser
+    groups do: not on biases, normalisation scales or embeddings."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: str(getattr(path[-1], "key", "")).startswith("kernel"), params)
+
+
+def make_optimizer(lr: float, weight_decay: float, eps: float, warmup_steps: int,
+                   max_grad_norm: float) -> optax.GradientTransformation:
+    return optax.chain(
+        optax.clip_by_global_norm(max_grad_norm),
+        optax.adamw(warmup_schedule(lr, warmup_steps), b1=0.9, b2=0.999, eps=eps, weight_decay=weight_decay,
+                    mask=decay_mask),
+    )
+
+
+def optimizer_from_config(model_config) -> optax.GradientTransformation:
+    """The optimiser of one model's config section (config.denoiser, config.rew_end_model, ...)."""
+    o, t = model_config.optimizer, model_config.training
+    return make_optimizer(o.lr, o.weight_decay, o.eps, t.lr_warmup_steps, t.max_grad_norm)
+
+
+def make_update(loss_fn: LossFn, optimizer: optax.GradientTransformation):
+    """update(state, batch, key) -> (state, metrics): one optimiser step on loss_fn."""
+
+    def update(state: TrainState, batch: Any, key: jax.Array) -> Tuple[TrainState, Metrics]:
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state.buffers, batch, key)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(metrics, grad_norm_before_clip=optax.global_norm(grads))
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return update
+
+
+def jit_update(update, mesh: Mesh):
+    """Jits update(state, batch, key) for the mesh: the batch is split over the devices, the state is
+    replicated, and XLA all-reduces the gradients. The same program runs on one device or many."""
+    rep, data = parallel.replicated(mesh), parallel.data_sharded(mesh)
+    return jax.jit(update, in_shardings=(rep, data, rep), out_shardings=(rep, rep), donate_argnums=(0,))
+
+
+def count_params(params: Any) -> int:
+    return sum(x.size for x in jax.tree_util.tree_leaves(params))

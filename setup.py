@@ -1,0 +1,35 @@
+from setuptools import find_packages, setup
+
+EXTRAS = {
+    # Reading official PyTorch checkpoints (python -m diamond_jax.convert).
+    "convert": ["torch"],
+    # Playing inside a world model and writing videos (python -m diamond_jax.play / dream).
+    "play": ["pygame>=2.5", "imageio>=2.30", "imageio-ffmpeg>=0.4.9", "matplotlib>=3.7"],
+    # Cluster sweeps (launch/) and the results report (python -m diamond_jax.report).
+    "sweep": ["submitit>=1.5", "rliable>=1.2", "matplotlib>=3.7"],
+}
+EXTRAS["test"] = sorted({"pytest>=8", "pytest-xdist>=3.5", *EXTRAS["play"], *EXTRAS["sweep"]})
+
+setup(
+    name="diamond_jax",
+    version="0.1.0",
+    description="DIAMOND (diffusion world models for RL, Alonso et al., NeurIPS 2024) in JAX/Flax",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["diamond_jax", "diamond_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11",
+        "chex>=0.1.90",
+        "numpy>=1.26",
+        "envpool>=1.2.5",
+        "ml-collections>=1.0",
+        "absl-py>=2.1",
+        "tensorboardX>=2.6",
+        "tqdm>=4.66",
+    ],
+    extras_require=EXTRAS,
+)
