@@ -228,12 +228,13 @@ class UNet(nn.Module):
 class LSTMCell(nn.Module):
     """LSTM cell with PyTorch's parameter layout (gates i, f, g, o) and the official initialisation:
     Xavier-uniform input weights, orthogonal recurrent weights, zero biases but a forget-gate bias of 1.
+    Carry first, Flax style, so that nn.scan can run it over time.
     """
 
     hidden: int
 
     @nn.compact
-    def __call__(self, x: jax.Array, hx_cx: Tuple[jax.Array, jax.Array]) -> Tuple[jax.Array, jax.Array]:
+    def __call__(self, hx_cx: Tuple[jax.Array, jax.Array], x: jax.Array) -> Tuple[Tuple[jax.Array, jax.Array], jax.Array]:
         hx, cx = hx_cx
         h = self.hidden
 
@@ -248,4 +249,9 @@ class LSTMCell(nn.Module):
         i, f, g, o = jnp.split(gates, 4, axis=-1)
         cx = jax.nn.sigmoid(f) * cx + jax.nn.sigmoid(i) * jnp.tanh(g)
         hx = jax.nn.sigmoid(o) * jnp.tanh(cx)
-        return hx, cx
+        return (hx, cx), hx
+
+
+def flatten_chw(x: jax.Array) -> jax.Array:
+    """[b, h, w, c] -> [b, c * h * w] in PyTorch's (c, h, w) order, so that LSTM input weights convert as is."""
+    return x.transpose(0, 3, 1, 2).reshape(x.shape[0], -1)
