@@ -41,7 +41,7 @@ def parse_presets(arg: str) -> Presets:
 def _check_game(game: Any, where: str) -> None:
     if game not in ATARI_100K_GAMES:
         raise ConfigError(
-            f"{where}={game!r} is not an Atari 100k game. Use one of: {', '.join(ATARI_100K_GAMES)} "
+            f"{where}={game!r} is not an Atari 100k game. Fix: use one of {', '.join(ATARI_100K_GAMES)} "
             f"(names are case-sensitive), e.g. --config=configs/atari100k.py:game=Pong"
         )
 

@@ -65,7 +65,9 @@ def compute_conditioners(sigma: jax.Array, sigma_data: float, sigma_offset_noise
 
 def quantize(x: jax.Array) -> jax.Array:
     """Clips to [-1, 1] and snaps to the 256 levels of a uint8 frame, truncating like the official `.byte()`."""
-    return jnp.floor((jnp.clip(x, -1, 1) + 1) / 2 * 255) / 255 * 2 - 1
+    levels = jnp.floor((jnp.clip(x, -1, 1) + 1) / 2 * 255)
+    # The final clip absorbs the rounding of the division, which could otherwise give 1 + 1 ulp.
+    return jnp.clip(levels / 127.5 - 1, -1, 1)
 
 
 def stack_frames(obs: jax.Array) -> jax.Array:
@@ -116,9 +118,10 @@ class Denoiser:
 
     def init(self, key: jax.Array, size: int) -> Variables:
         n = self.num_steps_conditioning
-        return dict(self.inner_model.init(
+        # Jitted: eager initialisation dispatches thousands of small ops and is several times slower.
+        return jax.jit(lambda key: dict(self.inner_model.init(
             key, jnp.zeros((1, size, size, IMG_CHANNELS)), jnp.zeros((1,)),
-            jnp.zeros((1, size, size, n * IMG_CHANNELS)), jnp.zeros((1, n), jnp.int32)))
+            jnp.zeros((1, size, size, n * IMG_CHANNELS)), jnp.zeros((1, n), jnp.int32))))(key)
 
     def conditioners(self, sigma: jax.Array) -> Conditioners:
         cs = compute_conditioners(sigma, self.sigma_data, self.sigma_offset_noise)

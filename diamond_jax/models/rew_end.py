@@ -79,7 +79,8 @@ class RewEndModel:
 
     def init(self, key: jax.Array, size: int) -> Dict[str, Any]:
         frames = jnp.zeros((1, 1, size, size, 3))
-        return dict(self.net.init(key, frames, jnp.zeros((1, 1), jnp.int32), frames, self.initial_state(1)))
+        return jax.jit(lambda key: dict(self.net.init(key, frames, jnp.zeros((1, 1), jnp.int32), frames,
+                                                      self.initial_state(1))))(key)
 
     def initial_state(self, batch_size: int) -> HxCx:
         zeros = jnp.zeros((batch_size, self.lstm_dim))
