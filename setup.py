@@ -17,6 +17,9 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["diamond_jax", "diamond_jax.*"]),
+    # Random/human scores and DIAMOND's published returns, read by diamond_jax.scores.
+    package_data={"diamond_jax": ["reference_data/*.json"]},
+    include_package_data=True,
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.10",
