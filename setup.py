@@ -6,7 +6,8 @@ EXTRAS = {
     # Playing inside a world model and writing videos (python -m diamond_jax.play / dream).
     "play": ["pygame>=2.5", "imageio>=2.30", "imageio-ffmpeg>=0.4.9", "matplotlib>=3.7"],
     # Cluster sweeps (launch/) and the results report (python -m diamond_jax.report).
-    "sweep": ["submitit>=1.5", "rliable>=1.2", "matplotlib>=3.7"],
+    # rliable pins arch<8, and every arch<8 fails to import under pandas>=3.
+    "sweep": ["submitit>=1.5", "rliable>=1.2", "pandas<3", "matplotlib>=3.7"],
 }
 EXTRAS["test"] = sorted({"pytest>=8", "pytest-xdist>=3.5", *EXTRAS["play"], *EXTRAS["sweep"]})
 
@@ -17,6 +18,9 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["diamond_jax", "diamond_jax.*"]),
+    # Random/human scores and DIAMOND's published returns, read by diamond_jax.scores.
+    package_data={"diamond_jax": ["reference_data/*.json"]},
+    include_package_data=True,
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.10",
