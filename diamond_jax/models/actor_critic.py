@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from diamond_jax.models.blocks import Conv, Dense, LSTMCell, SmallResBlock, flatten_chw
+from diamond_jax.models.blocks import Conv, Dense, LSTMCell, SmallResBlock, flatten_chw, init_key
 
 HxCx = Tuple[jax.Array, jax.Array]
 
@@ -69,7 +69,7 @@ class ActorCritic:
         return ActorCriticNet(self.num_actions, self.lstm_dim, self.channels, self.down)
 
     def init(self, key: jax.Array, size: int) -> Dict[str, Any]:
-        return jax.jit(lambda key: dict(self.net.init(key, jnp.zeros((1, size, size, 3)), self.initial_state(1))))(key)
+        return jax.jit(lambda key: dict(self.net.init(init_key(key), jnp.zeros((1, size, size, 3)), self.initial_state(1))))(key)
 
     def initial_state(self, batch_size: int) -> HxCx:
         zeros = jnp.zeros((batch_size, self.lstm_dim))

@@ -31,6 +31,13 @@ def torch_default_bias_init(fan_in: int) -> Initializer:
     return init
 
 
+def init_key(key: jax.Array) -> jax.Array:
+    """A key for parameter initialisation only. XLA compiles a threefry generator per parameter, which made
+    initialising even a tiny U-Net take over 10 s on a CPU; XLA's own bit generator compiles 3x faster.
+    Deterministic for a given key on a given backend."""
+    return jax.random.key(jax.random.bits(key, dtype=jnp.uint32), impl="unsafe_rbg")
+
+
 def num_groups(channels: int) -> int:
     return max(1, channels // GN_GROUP_SIZE)
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from diamond_jax.data.batch import Batch
-from diamond_jax.models.blocks import Conv, Dense, FourierFeatures, GroupNorm, UNet
+from diamond_jax.models.blocks import Conv, Dense, FourierFeatures, GroupNorm, UNet, init_key
 
 IMG_CHANNELS = 3
 Variables = Dict[str, Any]  # {"params": ..., "buffers": ...}
@@ -120,7 +120,7 @@ class Denoiser:
         n = self.num_steps_conditioning
         # Jitted: eager initialisation dispatches thousands of small ops and is several times slower.
         return jax.jit(lambda key: dict(self.inner_model.init(
-            key, jnp.zeros((1, size, size, IMG_CHANNELS)), jnp.zeros((1,)),
+            init_key(key), jnp.zeros((1, size, size, IMG_CHANNELS)), jnp.zeros((1,)),
             jnp.zeros((1, size, size, n * IMG_CHANNELS)), jnp.zeros((1, n), jnp.int32))))(key)
 
     def conditioners(self, sigma: jax.Array) -> Conditioners:

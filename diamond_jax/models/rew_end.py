@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from diamond_jax.data.batch import Batch
-from diamond_jax.models.blocks import Conv, Dense, Downsample, LSTMCell, ResBlocks, flatten_chw
+from diamond_jax.models.blocks import Conv, Dense, Downsample, LSTMCell, ResBlocks, flatten_chw, init_key
 
 HxCx = Tuple[jax.Array, jax.Array]
 
@@ -79,7 +79,7 @@ class RewEndModel:
 
     def init(self, key: jax.Array, size: int) -> Dict[str, Any]:
         frames = jnp.zeros((1, 1, size, size, 3))
-        return jax.jit(lambda key: dict(self.net.init(key, frames, jnp.zeros((1, 1), jnp.int32), frames,
+        return jax.jit(lambda key: dict(self.net.init(init_key(key), frames, jnp.zeros((1, 1), jnp.int32), frames,
                                                       self.initial_state(1))))(key)
 
     def initial_state(self, batch_size: int) -> HxCx:

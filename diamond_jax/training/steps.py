@@ -65,7 +65,7 @@ def make_update(loss_fn: LossFn, optimizer: optax.GradientTransformation):
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state.buffers, batch, key)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(metrics, grad_norm_before_clip=optax.global_norm(grads))
+        metrics = dict(metrics, grad_norm_before_clip=optax.tree.norm(grads))
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return update
