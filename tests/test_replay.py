@@ -283,6 +283,7 @@ def test_an_interrupted_save_keeps_the_previous_state_loadable(tmp_path, monkeyp
     loaded = ReplayDataset.load(tmp_path)
     assert_same_dataset(saved, loaded)
     assert set(os.listdir(tmp_path / "frames")) == files  # stray chunk and partial files cleaned
+    assert not (tmp_path / "index.npz.tmp").exists()
     r.save(tmp_path)  # and the next save works
     assert_same_dataset(r, ReplayDataset.load(tmp_path))
 
