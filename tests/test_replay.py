@@ -166,6 +166,15 @@ def test_episode_choice_by_age_groups():
             assert five_sigma(np.sum(episode == e), n, w / len(g)), e
 
 
+def test_episodes_of_zero_weight_are_never_drawn():
+    rng = np.random.default_rng(14)
+    r = ReplayDataset(1, SHAPE)
+    for i in range(9):
+        r.append(0, *random_steps(rng, 2 + i, "end"))
+    episode = draw_episodes(r, 20_000, weights=(0.0, 0.5, 0.0, 0.5))  # groups: 0-1, 2-3, 4-5, 6-8
+    assert set(np.unique(episode)) == {2, 3, 6, 7, 8}
+
+
 def test_episode_choice_by_length_with_fewer_episodes_than_weights():
     rng = np.random.default_rng(5)
     r = ReplayDataset(1, SHAPE)

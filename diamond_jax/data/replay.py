@@ -555,14 +555,25 @@ def draw_segments(replay: DeviceReplay, key: jax.Array, batch_size: int, seq_len
     - can_sample_beyond_end=True (reward/end model): start = t - U{0..seq_length-1}, stop = start + seq_length.
     """
     key_episode, key_t, key_offset = jax.random.split(key, 3)
-    logits = jnp.log(episode_weights(replay.ep_length, replay.num_episodes, sample_weights))
-    episode = jax.random.categorical(key_episode, logits, shape=(batch_size,))
+    episode = _draw_episodes(key_episode, episode_weights(replay.ep_length, replay.num_episodes, sample_weights),
+                             batch_size)
     length = replay.ep_length[episode]
     t = jax.random.randint(key_t, (batch_size,), 0, length)
     offset = jax.random.randint(key_offset, (batch_size,), 0, seq_length)
     if can_sample_beyond_end:
         return episode, t - offset
     return episode, jnp.minimum(length, t + 1 + offset) - seq_length
+
+
+def _draw_episodes(key: jax.Array, weights: jax.Array, batch_size: int) -> jax.Array:
+    """Indices drawn with probability proportional to weights, by inverting the cumulative sum
+    (jax.random.categorical draws a Gumbel for every row and sample: 50 times slower on CPU)."""
+    cdf = jnp.cumsum(weights)
+    u = jax.random.uniform(key, (batch_size,)) * cdf[-1]
+    index = jnp.searchsorted(cdf, u, side="right")  # the first row whose interval holds u: never a 0 weight
+    # When u * total rounds up to total, take the last row that can be drawn.
+    last = jnp.max(jnp.where(weights > 0, jnp.arange(weights.shape[0]), 0))
+    return jnp.minimum(index, last).astype(jnp.int32)
 
 
 def gather_segments(replay: DeviceReplay, episode: jax.Array, start: jax.Array, seq_length: int) -> Batch:
