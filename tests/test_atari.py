@@ -197,3 +197,26 @@ def test_time_limit_truncates_and_resets():
         assert s.trunc.all() == (t == 6) and not s.end.any()
     s = env.step(np.zeros(2, np.int32))
     assert not s.trunc.any()
+
+
+def test_resetting_one_env_leaves_the_others_alone():
+    """Env i of a pool seeded s plays as a lone env seeded s + i, also when another env of the pool is reset:
+    env 0 plays to game over (and is reset) while env 1 waits with NOOP (its ball is never launched)."""
+    config = env_config(max_episode_steps=27_000)
+    pool = make_atari_env("Breakout", config, 2, train=True, seed=5)
+    alone = [make_atari_env("Breakout", config, 1, train=True, seed=5 + i) for i in range(2)]
+    obs = pool.reset()
+    for i, env in enumerate(alone):
+        np.testing.assert_array_equal(obs[i], env.reset()[0])
+    fire, game_overs = True, 0
+    for _ in range(400):
+        act = np.array([FIRE if fire else NOOP, NOOP], np.int32)
+        s = pool.step(act)
+        for i, env in enumerate(alone):
+            s_i = env.step(act[i:i + 1])
+            np.testing.assert_array_equal(s.obs[i], s_i.obs[0])
+            np.testing.assert_array_equal(s.final_obs[i], s_i.final_obs[0])
+            assert s.end[i] == s_i.end[0] and s.rew[i] == s_i.rew[0]
+        fire = bool(s.end[0])  # a new ball after each life loss
+        game_overs += int(s.lives[0] == 0)
+    assert game_overs >= 1 and not s.end[1]
