@@ -224,13 +224,13 @@ class ReplayDataset:
         self._open = [-1] * num_lanes  # per lane, the id of its in-progress episode (-1: none)
         self.counts_rew = np.zeros(3, np.int64)  # steps with reward sign -1, 0, +1
         self.counts_end = np.zeros(2, np.int64)  # steps with end 0, 1
-        # The device mirror is stale from these slots / table rows on.
         self._device: Optional[DeviceReplay] = None
         placed = {} if sharding is None else {"out_shardings": sharding}
         self._make_device = jax.jit(_zeros_like_shapes, static_argnums=(0, 1, 2, 3), **placed)
         self._grow_device = jax.jit(_grow_device, static_argnums=(1, 2), **placed)
         self._write_slots = jax.jit(_write_slots, donate_argnums=0, **placed)
         self._write_table = jax.jit(_write_table, donate_argnums=0, **placed)
+        # The device mirror is stale from these slots / table rows on.
         self._dirty_slot = [0] * num_lanes
         self._dirty_episode = 0
         # Persistence: frame chunk files already written to self._save_dir, as rows (lane, start, count, file id).
