@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from configs import atari100k
-from diamond_jax.envs.atari import AtariEnv, make_atari_env
+from diamond_jax.envs.atari import AtariEnv, make_atari_env, num_actions
 from diamond_jax.envs.games import ATARI_100K_GAMES
 
 NOOP, FIRE = 0, 1
@@ -46,7 +46,7 @@ def test_every_game_starts_and_steps():
     size = 16
     for game in ATARI_100K_GAMES:
         env = make_atari_env(game, env_config(), num_envs=2, train=True, seed=0)
-        assert env.num_actions == MINIMAL_ACTION_SET_SIZES[game], game
+        assert env.num_actions == num_actions(game, env_config()) == MINIMAL_ACTION_SET_SIZES[game], game
         obs = env.reset()
         assert obs.shape == (2, size, size, 3) and obs.dtype == np.uint8, game
         for t in range(3):

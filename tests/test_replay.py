@@ -12,6 +12,7 @@ import pytest
 from configs import atari100k
 from diamond_jax.data import replay as replay_lib
 from diamond_jax.data.replay import ReplayDataset, draw_segments, gather_segments, sample_segments
+from diamond_jax.training import parallel
 
 SHAPE = (2, 3, 3)
 WEIGHTS = (0.1, 0.1, 0.1, 0.7)
@@ -343,3 +344,21 @@ def test_memory_for_100k_steps_is_at_most_2_gb():
     nbytes = replay_lib.memory_nbytes([steps + episodes], episodes, (size, size, 3), paper.initial_capacity,
                                       paper.initial_episode_capacity)
     assert nbytes["host"] <= 2 * 2**30 and nbytes["device"] <= 2 * 2**30, nbytes
+
+
+def test_device_mirror_replicated_over_a_mesh():
+    """The training loop keeps the mirror replicated over its data-parallel mesh; samples do not change."""
+    mesh = parallel.make_mesh()
+    assert mesh.size == 2
+    plain, replicated = (hand_built(np.random.default_rng(15), sharding=s)
+                         for s in (None, parallel.replicated(mesh)))
+    device = replicated.device_replay()
+    assert all(x.sharding.is_equivalent_to(parallel.replicated(mesh), x.ndim) for x in jax.tree.leaves(device))
+    append_continuing(replicated, 0, np.random.default_rng(16), 3)  # an in-place update keeps the placement
+    append_continuing(plain, 0, np.random.default_rng(16), 3)
+    device = replicated.device_replay()
+    assert all(x.sharding.is_equivalent_to(parallel.replicated(mesh), x.ndim) for x in jax.tree.leaves(device))
+    sample = jax.jit(sample_segments, static_argnums=(2, 3, 4, 5), out_shardings=parallel.data_sharded(mesh))
+    for x, y in zip(sample(device, jax.random.key(0), 8, 5, WEIGHTS, True),
+                    sample(plain.device_replay(), jax.random.key(0), 8, 5, WEIGHTS, True)):
+        np.testing.assert_array_equal(x, y)

@@ -91,15 +91,25 @@ def _to_hwc(frames_chw: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(frames_chw.transpose(0, 2, 3, 1))
 
 
+def _check_game(game: str) -> None:
+    if game not in ATARI_100K_GAMES:
+        raise ValueError(f"Unknown game {game!r}. The Atari 100k games are: {', '.join(ATARI_100K_GAMES)} "
+                         "(case-sensitive).")
+
+
+def num_actions(game: str, env_config: config_dict.ConfigDict) -> int:
+    """The size of the game's action set (minimal unless env_config.full_action_space), without making envs."""
+    _check_game(game)
+    return int(envpool.make_spec(f"{game}-v5", full_action_space=env_config.full_action_space).action_space.n)
+
+
 def make_atari_env(game: str, env_config: config_dict.ConfigDict, num_envs: int, train: bool,
                    seed: int) -> AtariEnv:
     """Envs of `game` with the preprocessing of `env_config` (config.env); env i is seeded seed + i.
 
     `train` picks done-on-life-loss from env_config.train_done_on_life_loss or test_done_on_life_loss.
     """
-    if game not in ATARI_100K_GAMES:
-        raise ValueError(f"Unknown game {game!r}. The Atari 100k games are: {', '.join(ATARI_100K_GAMES)} "
-                         "(case-sensitive).")
+    _check_game(game)
     c = env_config
     if c.noop_max < 1:
         raise ValueError(f"config.env.noop_max={c.noop_max}: envpool always plays 1 to noop_max no-ops at "

@@ -22,7 +22,7 @@ from ml_collections import config_dict
 
 from diamond_jax.data.batch import obs_from_frames
 from diamond_jax.data.replay import ReplayDataset
-from diamond_jax.envs.atari import make_atari_env
+from diamond_jax.envs.atari import make_atari_env, num_actions
 from diamond_jax.models.actor_critic import ActorCritic, HxCx
 
 PolicyStep = Callable[[Any, np.ndarray, HxCx, jax.Array, float], Tuple[jax.Array, HxCx]]
@@ -239,8 +239,7 @@ def collect_initial(collect: Callable[[int], Any], counts_rew: Callable[[], Sequ
 def benchmark_collection(config: config_dict.ConfigDict, num_steps: int) -> float:
     """Agent steps per second of the training collector, the policy (randomly initialised) acting and the
     replay dataset filling, after a warm-up that compiles the policy."""
-    num_actions = make_atari_env(config.game, config.env, 1, train=True, seed=0).num_actions
-    actor_critic = ActorCritic.from_config(config, num_actions)
+    actor_critic = ActorCritic.from_config(config, num_actions(config.game, config.env))
     variables = actor_critic.init(jax.random.key(0), config.env.size)
     collector = TrainCollector(config, actor_critic, ReplayDataset.from_config(config), jax.random.key(1), 0)
     collector.collect(variables, collector.num_envs)
