@@ -92,8 +92,9 @@ def validate(c: config_dict.ConfigDict) -> None:
 
     # Environment.
     positive_int("env.size", "env.frame_skip", "env.max_episode_steps")
-    if not isinstance(c.env.noop_max, int) or c.env.noop_max < 0:
-        _fail("env.noop_max", c.env.noop_max, "must be an integer >= 0", "use 30 (the paper) or 0 for no no-ops")
+    if not isinstance(c.env.noop_max, int) or c.env.noop_max < 1:
+        _fail("env.noop_max", c.env.noop_max, "must be an integer >= 1 (envpool always plays 1 to noop_max no-ops "
+              "at reset and crashes with 0)", "use 30 (the paper) or 1 for a single no-op")
     probability("env.repeat_action_probability")
 
     # Collection and schedule.

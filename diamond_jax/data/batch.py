@@ -3,6 +3,7 @@
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 
 class Batch(NamedTuple):
@@ -23,3 +24,8 @@ class Batch(NamedTuple):
     end: jax.Array
     trunc: jax.Array
     mask_padding: jax.Array
+
+
+def obs_from_frames(frames: jax.Array) -> jax.Array:
+    """uint8 frames -> float32 observations in [-1, 1], as the models see them (uint8 / 255 * 2 - 1)."""
+    return frames.astype(jnp.float32) / 255.0 * 2.0 - 1.0
