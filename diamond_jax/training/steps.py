@@ -58,15 +58,21 @@ def optimizer_from_config(model_config) -> optax.GradientTransformation:
     return make_optimizer(o.lr, o.weight_decay, o.eps, t.lr_warmup_steps, t.max_grad_norm)
 
 
-def make_update(loss_fn: LossFn, optimizer: optax.GradientTransformation):
-    """update(state, batch, key) -> (state, metrics): one optimiser step on loss_fn."""
+def make_update(loss_fn: LossFn, optimizer: optax.GradientTransformation, has_output: bool = False):
+    """update(state, batch, key) -> (state, metrics): one optimiser step on loss_fn.
 
-    def update(state: TrainState, batch: Any, key: jax.Array) -> Tuple[TrainState, Metrics]:
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state.buffers, batch, key)
+    With has_output, loss_fn returns (loss, (metrics, output)) and update returns (state, metrics, output):
+    the actor-critic's loss also yields the imagined environments' next state.
+    """
+
+    def update(state: TrainState, batch: Any, key: jax.Array):
+        (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state.buffers, batch, key)
+        metrics, output = aux if has_output else (aux, None)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics, grad_norm_before_clip=optax.tree.norm(grads))
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return (state, metrics, output) if has_output else (state, metrics)
 
     return update
 

@@ -1,0 +1,172 @@
+"""The world model as an environment, and the actor-critic acting in it (SPEC section 6).
+
+Pure functions, state in and state out, every array with a leading batch axis (one row per imagined
+environment), every random draw from an explicit key. A rollout is one `lax.scan` over the horizon around
+the sampler; the actor-critic's outputs are differentiable functions of its parameters, while the world
+model (denoiser and reward/end model) only feeds it frames, rewards and ends.
+
+As in the official `WorldModelEnv`, a row's episode lasts until the reward/end model samples an end or the
+row has been imagined for `horizon` steps (a truncation); the row then restarts from a fresh initial
+condition: num_steps_conditioning real frames and actions from the replay, on which both LSTMs are burnt
+in. The state persists across rollouts, so a row that restarted mid-rollout goes on into the next one.
+Each rollout brings `initial_conditions_per_row` fresh initial conditions per row; a row that restarts more
+often than that within one rollout reuses them in turn.
+"""
+
+from typing import NamedTuple, Tuple
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from diamond_jax.agent import Agent, AgentVariables
+from diamond_jax.models.actor_critic import ActorCriticOutput, HxCx
+from diamond_jax.models.sampler import sample_next_obs
+
+
+class InitialConditions(NamedTuple):
+    obs: jax.Array  # float32 [b, n, h, w, 3], real frames in [-1, 1] (0 for padding before an episode's start)
+    act: jax.Array  # int32 [b, n], the actions taken at those frames
+
+
+class ResetPoint(NamedTuple):
+    """Everything a row needs to restart from an initial condition, with both LSTMs burnt in."""
+
+    obs: jax.Array  # [b, n, h, w, 3] the conditioning frames
+    act: jax.Array  # [b, n]
+    rew_end_hx_cx: HxCx  # after the n - 1 transitions of the initial condition
+    ac_hx_cx: HxCx  # actor-critic state before the last frame
+    ac_out: ActorCriticOutput  # actor-critic output at the last frame
+
+
+class ImaginationState(NamedTuple):
+    obs: jax.Array  # [b, n, h, w, 3] the last n frames; obs[:, -1] is the current one
+    act: jax.Array  # [b, n] the actions taken at them (the last one is replaced by the next action)
+    rew_end_hx_cx: HxCx
+    ac_hx_cx: HxCx  # actor-critic state before the current frame
+    ep_len: jax.Array  # int32 [b] steps imagined since the row's last restart
+
+
+class Trajectory(NamedTuple):
+    """One rollout, [b, T, ...]: at step t the actor-critic saw obs and chose act."""
+
+    obs: jax.Array  # [b, T, h, w, 3]
+    act: jax.Array  # int32 [b, T]
+    rew: jax.Array  # float32 [b, T] in {-1, 0, 1}
+    end: jax.Array  # int32 [b, T]
+    trunc: jax.Array  # int32 [b, T]
+    logits_act: jax.Array  # [b, T, num_actions]
+    val: jax.Array  # [b, T]
+    val_bootstrap: jax.Array  # [b, T] value of the frame reached (the final frame where the row restarted)
+    next_obs: jax.Array  # [b, T, h, w, 3] the frame reached by the step
+
+
+def burn_in(agent: Agent, variables: AgentVariables, init: InitialConditions) -> ResetPoint:
+    """Burns both LSTMs in on initial conditions: the reward/end model on their n - 1 transitions (no
+    gradient), the actor-critic on their frames, from zero states."""
+    b, n = init.act.shape
+    chex.assert_shape(init.obs, (b, n, agent.size, agent.size, 3))
+    *_, rew_end_hx_cx = agent.rew_end_model.predict_rew_end(
+        variables["rew_end_model"], init.obs[:, :-1], init.act[:, :-1], init.obs[:, 1:])
+    rew_end_hx_cx = jax.lax.stop_gradient(rew_end_hx_cx)
+    ac = agent.actor_critic
+    zeros = ac.initial_state(b)
+    ac_hx_cx = ac.burn_in(variables["actor_critic"], init.obs[:, :-1], zeros).hx_cx if n > 1 else zeros
+    ac_out = ac.predict_act_value(variables["actor_critic"], init.obs[:, -1], ac_hx_cx)
+    return ResetPoint(init.obs, init.act, rew_end_hx_cx, ac_hx_cx, ac_out)
+
+
+def initial_state(point: ResetPoint) -> ImaginationState:
+    """Every row at the start of an episode."""
+    return ImaginationState(point.obs, point.act, point.rew_end_hx_cx, point.ac_hx_cx,
+                            jnp.zeros(point.act.shape[0], jnp.int32))
+
+
+def _where_rows(mask: jax.Array, a, b):
+    """Row-wise select between two pytrees with a leading batch axis."""
+    return jax.tree.map(lambda x, y: jnp.where(mask.reshape(mask.shape + (1,) * (x.ndim - 1)), x, y), a, b)
+
+
+def _pick(tree, index: jax.Array):
+    """Per row r, entry index[r] of a pytree whose leaves are [b, K, ...]."""
+    return jax.tree.map(lambda x: jax.vmap(lambda x_r, i: x_r[i])(x, index), tree)
+
+
+def rollout(agent: Agent, variables: AgentVariables, state: ImaginationState, pool: InitialConditions,
+            key: jax.Array, horizon: int) -> Tuple[Trajectory, ImaginationState]:
+    """Imagines `horizon` steps of every row, the actor-critic acting.
+
+    pool: fresh initial conditions for the restarts of this rollout, [b, K, n, ...] (K per row).
+    Returns the trajectory ([b, horizon, ...]) and the state to continue from.
+    """
+    b, n = state.act.shape
+    k = pool.act.shape[1]
+    chex.assert_shape(pool.act, (b, k, n))
+    ac, ac_vars = agent.actor_critic, variables["actor_critic"]
+
+    flat_pool = jax.tree.map(lambda x: x.reshape((b * k,) + x.shape[2:]), pool)
+    points = jax.tree.map(lambda x: x.reshape((b, k) + x.shape[1:]), burn_in(agent, variables, flat_pool))
+
+    # The carried actor-critic state comes from the previous rollout: no gradient flows back into it.
+    ac_hx_cx = jax.lax.stop_gradient(state.ac_hx_cx)
+    ac_out = ac.predict_act_value(ac_vars, state.obs[:, -1], ac_hx_cx)
+
+    def step(carry, key_t):
+        wm, ac_out, num_restarts = carry
+        key_act, key_obs, key_rew, key_end = jax.random.split(key_t, 4)
+        act = jax.random.categorical(key_act, ac_out.logits_act).astype(jnp.int32)
+        act_buffer = wm.act.at[:, -1].set(act)
+        next_obs = sample_next_obs(agent.denoiser, variables["denoiser"], key_obs, wm.obs, act_buffer, agent.sampler)
+        logits_rew, logits_end, rew_end_hx_cx = agent.rew_end_model.predict_rew_end(
+            variables["rew_end_model"], wm.obs[:, -1:], act[:, None], next_obs[:, None], wm.rew_end_hx_cx)
+        rew = (jax.random.categorical(key_rew, logits_rew[:, 0]) - 1).astype(jnp.float32)
+        end = jax.random.categorical(key_end, logits_end[:, 0]).astype(jnp.int32)
+        ep_len = wm.ep_len + 1
+        trunc = (ep_len >= horizon).astype(jnp.int32)
+        # The actor-critic's next output, and the value of the frame reached: for a row that restarts, the
+        # value of its final frame, as the official env loop computes it.
+        next_ac_out = ac.predict_act_value(ac_vars, next_obs, ac_out.hx_cx)
+
+        dead = (end + trunc) > 0
+        point = _pick(points, num_restarts % k)
+        continued = ImaginationState(
+            obs=jnp.concatenate([wm.obs[:, 1:], next_obs[:, None]], axis=1),
+            act=jnp.roll(act_buffer, -1, axis=1),
+            rew_end_hx_cx=rew_end_hx_cx,
+            ac_hx_cx=ac_out.hx_cx,
+            ep_len=ep_len,
+        )
+        restarted = ImaginationState(point.obs, point.act, point.rew_end_hx_cx, point.ac_hx_cx,
+                                     jnp.zeros_like(ep_len))
+        out = Trajectory(wm.obs[:, -1], act, rew, end, trunc, ac_out.logits_act, ac_out.val, next_ac_out.val,
+                         next_obs)
+        carry = (_where_rows(dead, restarted, continued), _where_rows(dead, point.ac_out, next_ac_out),
+                 num_restarts + dead)
+        return carry, out
+
+    carry = (state, ac_out, jnp.zeros(b, jnp.int32))
+    (state, _, _), traj = jax.lax.scan(step, carry, jax.random.split(key, horizon))
+    return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), traj), state
+
+
+class ActorCriticInputs(NamedTuple):
+    """What an actor-critic update needs besides its own parameters."""
+
+    state: ImaginationState  # rows sharded over devices
+    pool: InitialConditions  # [b, K, ...], rows sharded over devices
+    world_model: AgentVariables  # {"denoiser": ..., "rew_end_model": ...}, frozen
+
+
+def make_actor_critic_loss(agent: Agent, horizon: int):
+    """loss_fn(params, buffers, inputs, key) -> (loss, (metrics, next ImaginationState)): the official
+    actor-critic loss on one rollout, differentiable in the actor-critic's parameters only."""
+
+    def loss_fn(params, buffers, inputs: ActorCriticInputs, key: jax.Array):
+        variables = dict(inputs.world_model, actor_critic={"params": params, "buffers": buffers})
+        traj, state = rollout(agent, variables, inputs.state, inputs.pool, key, horizon)
+        loss, metrics = agent.actor_critic.loss(traj.logits_act, traj.val, traj.act, traj.rew, traj.end, traj.trunc,
+                                                traj.val_bootstrap)
+        metrics = dict(metrics, imagined_rew_mean=jnp.mean(traj.rew), imagined_end_rate=jnp.mean(traj.end))
+        return loss, (metrics, state)
+
+    return loss_fn

@@ -1,0 +1,145 @@
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diamond_jax import imagination
+from diamond_jax.imagination import ActorCriticInputs, InitialConditions
+from diamond_jax.training import steps
+
+B, N, K, SIZE, HORIZON = 4, 4, 2, 16, 5
+
+
+def make_pool(key, b=B, k=K):
+    obs = jax.random.uniform(key, (b, k, N, SIZE, SIZE, 3), minval=-1, maxval=1)
+    act = jax.random.randint(jax.random.fold_in(key, 1), (b, k, N), 0, 4)
+    return InitialConditions(obs, act)
+
+
+@pytest.fixture(scope="module")
+def world(debug_agent):
+    """The debug agent with its reward/end head at zero: every step ends with probability 1/2, so both ends
+    and continuations happen in a short rollout."""
+    agent, variables = debug_agent
+    head = variables["rew_end_model"]["params"]["head_2"]
+    rew_end = {"params": dict(variables["rew_end_model"]["params"], head_2={"kernel": jnp.zeros_like(head["kernel"])}),
+               "buffers": {}}
+    variables = dict(variables, rew_end_model=rew_end)
+    first = imagination.burn_in(agent, variables, jax.tree.map(lambda x: x[:, 0], make_pool(jax.random.key(100))))
+    rollout = jax.jit(functools.partial(imagination.rollout, agent, horizon=HORIZON))
+    return agent, variables, imagination.initial_state(first), rollout
+
+
+def test_shapes_and_dtypes(world):
+    agent, variables, state, rollout = world
+    traj, new_state = rollout(variables, state, make_pool(jax.random.key(1)), jax.random.key(2))
+    chex.assert_shape([traj.obs, traj.next_obs], (B, HORIZON, SIZE, SIZE, 3))
+    chex.assert_shape([traj.act, traj.rew, traj.end, traj.trunc, traj.val, traj.val_bootstrap], (B, HORIZON))
+    chex.assert_shape(traj.logits_act, (B, HORIZON, 4))
+    assert traj.act.dtype == jnp.int32 and traj.end.dtype == jnp.int32 and traj.rew.dtype == jnp.float32
+    assert set(np.unique(traj.rew)) <= {-1.0, 0.0, 1.0} and set(np.unique(traj.end)) <= {0, 1}
+    chex.assert_trees_all_equal_shapes_and_dtypes(new_state, state)
+    levels = (np.asarray(traj.next_obs) + 1) * 127.5
+    np.testing.assert_allclose(levels, np.round(levels), atol=1e-3)
+
+
+def test_deterministic_per_key(world):
+    agent, variables, state, rollout = world
+    pool = make_pool(jax.random.key(1))
+    a = rollout(variables, state, pool, jax.random.key(5))
+    b = rollout(variables, state, pool, jax.random.key(5))
+    c = rollout(variables, state, pool, jax.random.key(6))
+    chex.assert_trees_all_equal(a, b)
+    assert np.mean(np.asarray(a[0].next_obs) != np.asarray(c[0].next_obs)) > 0.5
+
+
+def test_rows_restart_exactly_where_an_end_or_truncation_was_sampled(world):
+    agent, variables, state, rollout = world
+    checked = {"end": 0, "trunc": 0, "continue": 0}
+    for r in range(4):  # several rollouts in a row: the state carries over
+        pool = make_pool(jax.random.key(10 + r))
+        traj, next_state = rollout(variables, state, pool, jax.random.key(20 + r))
+        t_obs, t_next = np.asarray(traj.obs), np.asarray(traj.next_obs)
+        end, trunc = np.asarray(traj.end), np.asarray(traj.trunc)
+        ep_len = np.asarray(state.ep_len).copy()
+        restarts = np.zeros(B, int)
+        for t in range(HORIZON):
+            ep_len += 1
+            # A truncation exactly when the row has been imagined for `horizon` steps since its restart.
+            np.testing.assert_array_equal(trunc[:, t], ep_len >= HORIZON)
+            dead = (end[:, t] + trunc[:, t]) > 0
+            following = t_obs[:, t + 1] if t + 1 < HORIZON else np.asarray(next_state.obs[:, -1])
+            for i in range(B):
+                if dead[i]:
+                    # The row restarts from its next fresh initial condition: its last frame is the new current one.
+                    expected = np.asarray(pool.obs[i, restarts[i] % K, -1])
+                    restarts[i] += 1
+                    checked["end" if end[i, t] else "trunc"] += 1
+                else:
+                    expected = t_next[i, t]
+                    checked["continue"] += 1
+                np.testing.assert_array_equal(following[i], expected)
+            ep_len[dead] = 0
+        np.testing.assert_array_equal(next_state.ep_len, ep_len)
+        state = next_state
+    assert min(checked.values()) > 0, checked
+
+
+def test_restarted_rows_carry_their_burnt_in_states(world):
+    agent, variables, state, rollout = world
+    pool = make_pool(jax.random.key(3))
+    traj, next_state = rollout(variables, state, pool, jax.random.key(4))
+    dead_last = (np.asarray(traj.end[:, -1]) + np.asarray(traj.trunc[:, -1])) > 0
+    assert dead_last.any()
+    flat_pool = jax.tree.map(lambda x: x.reshape((B * K,) + x.shape[2:]), pool)
+    points = jax.jit(functools.partial(imagination.burn_in, agent))(variables, flat_pool)
+    dead_so_far = np.asarray(traj.end) + np.asarray(traj.trunc) > 0
+    for i in np.flatnonzero(dead_last):
+        j = i * K + (dead_so_far[i].sum() - 1) % K
+        np.testing.assert_allclose(next_state.rew_end_hx_cx[0][i], points.rew_end_hx_cx[0][j], atol=1e-6)
+        np.testing.assert_allclose(next_state.ac_hx_cx[1][i], points.ac_hx_cx[1][j], atol=1e-6)
+        np.testing.assert_array_equal(next_state.act[i], pool.act[i, (dead_so_far[i].sum() - 1) % K])
+
+
+def test_policy_and_value_start_at_zero(world):
+    agent, variables, state, rollout = world
+    traj, _ = rollout(variables, state, make_pool(jax.random.key(1)), jax.random.key(2))
+    np.testing.assert_array_equal(traj.logits_act, 0.0)
+    np.testing.assert_array_equal(traj.val, 0.0)
+    np.testing.assert_array_equal(traj.val_bootstrap, 0.0)
+
+
+def test_no_recompilation_across_rollouts(world):
+    agent, variables, state, _ = world
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def rollout(variables, state, pool, key):
+        return imagination.rollout(agent, variables, state, pool, key, HORIZON)
+
+    for r in range(3):
+        _, state = rollout(variables, state, make_pool(jax.random.key(r)), jax.random.key(r))
+
+
+def test_actor_critic_update_through_imagination(world, debug_config):
+    """The update differentiates the actor-critic only; the world model's variables pass through untouched,
+    and the imagined state comes back for the next update."""
+    agent, variables, state, rollout = world
+    ac_config = debug_config.actor_critic
+    optimizer = steps.make_optimizer(ac_config.optimizer.lr, 0.0, 1e-8, 0, 100.0)
+    update = jax.jit(steps.make_update(imagination.make_actor_critic_loss(agent, HORIZON), optimizer,
+                                       has_output=True))
+    train_state = steps.TrainState.create(variables["actor_critic"], optimizer)
+    world_model = {k: variables[k] for k in ("denoiser", "rew_end_model")}
+    inputs = ActorCriticInputs(state, make_pool(jax.random.key(7)), world_model)
+    new_train_state, metrics, next_state = update(train_state, inputs, jax.random.key(8))
+    chex.assert_trees_all_equal_shapes_and_dtypes(next_state, state)
+    assert float(metrics["grad_norm_before_clip"]) > 0
+    changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), train_state.params, new_train_state.params)
+    assert changed["actor_linear"]["kernel"] and changed["critic_linear"]["kernel"]
+    # Same key and inputs: the same imagined state as a plain rollout with the old parameters.
+    _, expected_state = rollout(variables, state, inputs.pool, jax.random.key(8))
+    chex.assert_trees_all_close(next_state, expected_state, atol=1e-5)
