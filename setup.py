@@ -34,6 +34,7 @@ setup(
         "absl-py>=2.1",
         "tensorboardX>=2.6",
         "tqdm>=4.66",
+        "imageio>=2.30",
     ],
     extras_require=EXTRAS,
 )

@@ -55,6 +55,7 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
 
     c.training = config_dict.ConfigDict()
     c.training.num_final_epochs = 50  # training-only epochs after collection has stopped
+    c.training.steps_per_call = 100  # updates per compiled call (a scan on device); saves happen between calls
 
     c.evaluation = config_dict.ConfigDict()
     c.evaluation.every = 10  # evaluate every this many epochs
@@ -133,6 +134,7 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
 
     c.world_model_env = config_dict.ConfigDict()
     c.world_model_env.horizon = horizon  # imagined steps per actor-critic update; rows truncate at it
+    c.world_model_env.initial_conditions_per_row = 2  # fresh initial conditions per row and rollout, for restarts
     c.world_model_env.sampler = config_dict.ConfigDict()
     c.world_model_env.sampler.num_steps_denoising = 3  # n, denoiser calls per frame with Euler
     c.world_model_env.sampler.sigma_min = 2e-3  # Karras schedule: smallest nonzero sigma
@@ -163,6 +165,7 @@ def _shrink_for_debug(c: config_dict.ConfigDict) -> None:
     c.collection.test.num_episodes = 1
     c.collection.test.num_final_episodes = 2
     c.training.num_final_epochs = 1
+    c.training.steps_per_call = 4
     c.evaluation.every = 2
     c.denoiser.inner_model.cond_channels = 16
     c.denoiser.inner_model.depths = (1, 1)

@@ -104,6 +104,7 @@ def validate(c: config_dict.ConfigDict) -> None:
                  "collection.train.first_epoch.max", "collection.test.num_envs",
                  "collection.test.num_episodes", "collection.test.num_final_episodes", "evaluation.every",
                  "checkpoint.every_epochs", "checkpoint.keep")
+    positive_int("training.steps_per_call", "world_model_env.initial_conditions_per_row")
     non_negative("collection.train.first_epoch.threshold_rew", "training.num_final_epochs",
                  "checkpoint.every_minutes")
     probability("collection.train.epsilon", "collection.test.epsilon")

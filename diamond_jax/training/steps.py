@@ -20,6 +20,9 @@ class TrainState(struct.PyTreeNode):
     buffers: Any  # variables that are part of the model but not trained (fixed Fourier weights)
     opt_state: Any
 
+    def variables(self) -> Dict[str, Any]:
+        return {"params": self.params, "buffers": self.buffers}
+
     @classmethod
     def create(cls, variables: Dict[str, Any], optimizer: optax.GradientTransformation) -> "TrainState":
         params = variables["params"]

@@ -1,0 +1,77 @@
+"""Trains DIAMOND on one Atari 100k game.
+
+    python -m diamond_jax.main --config=configs/atari100k.py:game=Pong --config.seed=3 --workdir=runs/Pong-3
+
+Starting in a --workdir that holds a run resumes it. Exit status: 0 when the run is complete (results.json
+written), 75 when it saved a checkpoint and stopped on SIGTERM (run the same command again to resume),
+2 for bad input (config, workdir), 1 for a failure during training (e.g. a non-finite loss).
+"""
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: try again later
+EXIT_BAD_INPUT = 2
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, with presets after ':' (game=<Name>, debug), e.g. configs/atari100k.py:game=Pong. "
+    "Override any field with --config.<field>=<value>.", lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Run directory: config snapshot, checkpoints, replay data, TensorBoard logs, evaluations and "
+    "results.json. A directory that holds a run is resumed.")
+_PLATFORM = flags.DEFINE_enum(
+    "platform", None, ["cpu", "cuda", "rocm", "tpu"], "Platform for JAX (default: the best one available).")
+
+
+def _initialize_distributed() -> None:
+    """Multi-host clusters: jax.distributed reads the cluster from the environment (SLURM, or
+    JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID)."""
+    import jax
+
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "JAX_COORDINATOR_ADDRESS" in os.environ:
+        jax.distributed.initialize()
+        logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+
+
+def _quiet_orbax(record) -> bool:
+    """orbax logs every step of every save at INFO; keep its warnings and errors only."""
+    return "orbax" not in record.pathname or record.levelno >= 30
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    logging.get_absl_handler().addFilter(_quiet_orbax)
+    if _PLATFORM.value:
+        os.environ["JAX_PLATFORMS"] = _PLATFORM.value
+    # Imported here so that the platform choice above is made before JAX starts.
+    from diamond_jax import config as config_lib
+    from diamond_jax.training.loop import NonFiniteLoss, Preempted, Trainer
+
+    _initialize_distributed()
+    config = _CONFIG.value
+    try:
+        config_lib.validate(config)
+        trainer = Trainer(config, _WORKDIR.value)
+    except (config_lib.ConfigError, ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    try:
+        results = trainer.run()
+    except Preempted as stop:
+        logging.warning("Pre-empted: %s. Run the same command to resume.", stop)
+        sys.exit(EXIT_PREEMPTED)
+    except NonFiniteLoss as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+    logging.info("Done: mean return %.2f over %d test episodes, human-normalised score %.3f (%s)",
+                 results["mean_return"], len(results["returns"]), results["human_normalized_score"],
+                 os.path.join(_WORKDIR.value, "results.json"))
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)

@@ -1,0 +1,383 @@
+"""The epoch schedule of DIAMOND (SPEC section 7) with checkpoints, resume and evaluation.
+
+Epoch 0 is the initial collection. Each later epoch collects `steps_per_epoch` steps (while the budget
+lasts), then trains the denoiser, the reward/end model and the actor-critic, and every `evaluation.every`
+epochs plays test episodes. After the last epoch, `num_final_episodes` test episodes give results.json.
+
+Where the run stands is a small record (epoch, phase, updates done in the phase): checkpoints can be taken
+between any two compiled calls, and every random draw is a function of the seed and of that record, so a
+run stopped and resumed computes exactly what it would have computed without the stop.
+"""
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any, Dict, List, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import config_dict
+from tqdm import tqdm
+
+from diamond_jax import scores
+from diamond_jax.agent import MODEL_NAMES, Agent
+from diamond_jax.data.replay import ReplayDataset
+from diamond_jax.envs import atari
+from diamond_jax.envs.collect import TrainCollector, collect_test_episodes, keep_collecting_initial
+from diamond_jax.training import parallel, phases, steps
+from diamond_jax.training.checkpoint import RunCheckpointer
+from diamond_jax.training.logger import RunLogger
+
+PHASES = ("collect", "denoiser", "rew_end_model", "actor_critic", "evaluate")
+# Streams of random numbers, each derived from the seed by folding in its id.
+KEY_INIT, KEY_COLLECT, KEY_EVAL, KEY_IMAGINE = 0, 1, 2, 3
+KEY_MODEL = {"denoiser": 10, "rew_end_model": 11, "actor_critic": 12}
+LOSS = {"denoiser": "loss_denoising", "rew_end_model": "loss_total", "actor_critic": "loss_total"}
+# Fields that may change when a run resumes: they change neither what is computed nor its results.
+RESUMABLE_CHANGES = ("num_devices", "checkpoint.", "training.steps_per_call")
+
+
+class Preempted(Exception):
+    """The run saved a checkpoint and stopped because it was asked to (SIGTERM); resuming continues it."""
+
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where the run stands; saved as JSON with every checkpoint."""
+
+    epoch: int = 0  # the epoch in progress; 0 is the initial collection
+    phase: str = "collect"  # the next phase of that epoch
+    phase_step: int = 0  # updates already done in that phase
+    num_epochs_collect: Optional[int] = None  # epochs that collect, known after the initial collection
+    num_evaluations: int = 0
+    imagination_started: bool = False
+    finished: bool = False
+
+
+def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_workdir(workdir: str, config: config_dict.ConfigDict) -> None:
+    """Creates the run directory (or checks the config of the run it holds) before anything is computed."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, ".write_test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as error:
+        raise OSError(f"--workdir={workdir} is not writable ({error.strerror}). Fix: pick a directory you can "
+                      "write to, e.g. --workdir=runs/<game>-<seed>.") from error
+    path = os.path.join(workdir, "config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = _flatten(json.load(f))
+        current = _flatten(json.loads(config.to_json_best_effort()))
+        differ = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k)
+                        and not any(k == p or k.startswith(p) for p in RESUMABLE_CHANGES))
+        if differ:
+            details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differ[:8])
+            raise ValueError(f"--workdir={workdir} holds a run with another config ({details}). Fix: resume it "
+                             "with the same config, or start the new run in a new --workdir.")
+    else:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+        os.replace(tmp, path)
+
+
+class Trainer:
+    def __init__(self, config: config_dict.ConfigDict, workdir: str, mesh=None):
+        self.config = config
+        self.workdir = os.path.abspath(workdir)
+        check_workdir(self.workdir, config)
+        self.mesh = mesh or parallel.make_mesh(config.num_devices)
+        for name in MODEL_NAMES:
+            parallel.check_batch_size(config[name].training.batch_size, self.mesh, f"{name}.training.batch_size")
+        self.num_actions = atari.num_actions(config.game, config.env)
+        self.agent = Agent.from_config(config, self.num_actions)
+        self.optimizers = {name: steps.optimizer_from_config(config[name]) for name in MODEL_NAMES}
+        self.key = jax.random.key(config.seed)
+        self.rep, self.data = parallel.replicated(self.mesh), parallel.data_sharded(self.mesh)
+        self.checkpointer = RunCheckpointer(os.path.join(self.workdir, "checkpoints"), config.checkpoint.keep)
+        self.logger = RunLogger(self.workdir)
+        self._stop_requested = False
+        self._last_save = time.monotonic()
+        self._save_index = 0
+        self._compiled: Dict[Any, Any] = {}
+        self._restore_or_start()
+
+    # ---- State.
+
+    def _fresh_state(self) -> Dict[str, Any]:
+        variables = self.agent.init(jax.random.fold_in(self.key, KEY_INIT))
+        models = {name: steps.TrainState.create(variables[name], self.optimizers[name]) for name in MODEL_NAMES}
+        b = self.config.actor_critic.training.batch_size
+        n, size = self.config.denoiser.inner_model.num_steps_conditioning, self.config.env.size
+        ac_zeros = self.agent.actor_critic.initial_state(b)
+        imagined = phases.ImaginationState(
+            obs=jnp.zeros((b, n, size, size, 3)), act=jnp.zeros((b, n), jnp.int32),
+            rew_end_hx_cx=self.agent.rew_end_model.initial_state(b), ac_hx_cx=ac_zeros,
+            ep_len=jnp.zeros((b,), jnp.int32))
+        return {"models": models, "imagined": imagined}
+
+    def _place(self, state: Dict[str, Any]) -> Dict[str, Any]:
+        return {"models": jax.device_put(state["models"], self.rep),
+                "imagined": jax.device_put(state["imagined"], self.data)}
+
+    def _restore_or_start(self) -> None:
+        abstract = jax.eval_shape(self._fresh_state)
+        shardings = {"models": jax.tree.map(lambda _: self.rep, abstract["models"]),
+                     "imagined": jax.tree.map(lambda _: self.data, abstract["imagined"])}
+        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+        restored = self.checkpointer.restore_latest(abstract)
+        if restored is None:
+            self.state = self._place(self._fresh_state())
+            self.progress = Progress()
+            self.replay = ReplayDataset.from_config(self.config, sharding=self.rep)
+            self.collector = TrainCollector(self.config, self.agent.actor_critic, self.replay,
+                                            jax.random.fold_in(self.key, KEY_COLLECT), self._env_seed(0))
+            logging.info("Starting a new run in %s", self.workdir)
+            return
+        self._save_index, self.state, meta = restored
+        self.progress = Progress(**meta["progress"])
+        self.replay = ReplayDataset.load(os.path.join(self.workdir, "replay"), up_to=meta["replay"],
+                                         sharding=self.rep)
+        self.collector = TrainCollector(self.config, self.agent.actor_critic, self.replay,
+                                        jax.random.fold_in(self.key, KEY_COLLECT), self._env_seed(0))
+        self.collector.restore(_collector_from_json(meta["collector"]))
+        if self.collector.num_steps != self.replay.num_steps:
+            raise RuntimeError(f"the checkpoint's collector has {self.collector.num_steps} steps but its dataset "
+                               f"{self.replay.num_steps}; the run directory {self.workdir} is inconsistent.")
+        logging.info("Resumed %s from checkpoint %d: epoch %d, phase %s, update %d", self.workdir,
+                     self._save_index, self.progress.epoch, self.progress.phase, self.progress.phase_step)
+
+    def _env_seed(self, stream: int) -> int:
+        """Distinct envpool seeds for the training envs (stream 0) and each evaluation (stream 1, 2, ...)."""
+        return (self.config.seed * 1_000_003 + stream * 10_007) % (2 ** 31 - 1)
+
+    def save(self) -> None:
+        self.replay.save(os.path.join(self.workdir, "replay"))
+        self._save_index += 1
+        meta = {"progress": dataclasses.asdict(self.progress),
+                "replay": self.replay.summary(), "collector": _collector_to_json(self.collector.state_dict())}
+        self.checkpointer.save(self._save_index, self.state, meta)
+        self._last_save = time.monotonic()
+
+    def request_stop(self, *_) -> None:
+        logging.warning("Stop requested: the run saves at the next opportunity and exits.")
+        self._stop_requested = True
+
+    def _maybe_stop_or_save(self) -> None:
+        """Between two compiled calls: honours a stop request, or saves when `every_minutes` have passed."""
+        if self._stop_requested:
+            self.save()
+            raise Preempted(f"saved checkpoint {self._save_index} in {self.checkpointer.directory}")
+        minutes = self.config.checkpoint.every_minutes
+        if minutes and time.monotonic() - self._last_save > 60 * minutes:
+            self.save()
+
+    # ---- The schedule.
+
+    def run(self) -> Dict[str, Any]:
+        previous = signal.signal(signal.SIGTERM, self.request_stop)
+        try:
+            while not self.progress.finished:
+                self._run_phase()
+            return self._results()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            self.logger.close()
+            self.checkpointer.close()
+
+    @property
+    def num_epochs(self) -> int:
+        return self.progress.num_epochs_collect + self.config.training.num_final_epochs
+
+    def _run_phase(self) -> None:
+        p = self.progress
+        self._maybe_stop_or_save()
+        if p.epoch == 0:
+            self._initial_collection()
+            p.epoch, p.phase = 1, "collect"
+            self.save()
+        elif p.phase == "collect":
+            if p.epoch <= p.num_epochs_collect:
+                self._collect(self.config.collection.train.steps_per_epoch)
+            p.phase = "denoiser"
+        elif p.phase in MODEL_NAMES:
+            self._train(p.phase)
+            p.phase, p.phase_step = PHASES[PHASES.index(p.phase) + 1], 0
+        else:
+            if p.epoch % self.config.evaluation.every == 0:
+                self._evaluate()
+            self._end_epoch()
+
+    def _end_epoch(self) -> None:
+        p = self.progress
+        if p.epoch == self.num_epochs:
+            self._final_evaluation()
+            p.finished = True
+            self.save()
+            return
+        p.epoch, p.phase = p.epoch + 1, "collect"
+        if (p.epoch - 1) % self.config.checkpoint.every_epochs == 0:
+            self.save()
+
+    def _collect(self, num_steps: int) -> None:
+        logs = self.collector.collect(self.state["models"]["actor_critic"].variables(), num_steps)
+        for episode in logs["episodes"]:
+            self.logger.scalars(self.replay.num_steps, {"train/episode_return": episode["return"],
+                                                        "train/episode_length": episode["length"]})
+        self.logger.scalars(self.replay.num_steps, {k: v for k, v in logs.items() if k.startswith("counts/")})
+
+    def _initial_collection(self) -> None:
+        t = self.config.collection.train
+        bar = tqdm(total=t.first_epoch.min, desc="Initial collection", unit="step", dynamic_ncols=True)
+        self._collect(t.first_epoch.min)
+        bar.update(t.first_epoch.min)
+        while keep_collecting_initial(self.replay.counts_rew, self.replay.num_steps, t.first_epoch.threshold_rew,
+                                      t.first_epoch.max):
+            self._collect(t.steps_per_epoch)
+            bar.update(t.steps_per_epoch)
+        bar.close()
+        collected = self.replay.num_steps
+        self.progress.num_epochs_collect = (t.num_steps_total - collected) // t.steps_per_epoch
+        logging.info("Initial collection: %d steps, reward counts (-1, 0, +1) %s; %d epochs will collect.",
+                     collected, self.replay.counts_rew.tolist(), self.progress.num_epochs_collect)
+
+    def _phase_fn(self, name: str, num_steps: int):
+        key = (name, num_steps)
+        if key not in self._compiled:
+            if name == "actor_critic":
+                fn = phases.make_actor_critic_phase(self.agent, self.config, self.optimizers[name], self.mesh,
+                                                    num_steps)
+            else:
+                update = steps.make_update(getattr(self.agent, name).loss, self.optimizers[name])
+                fn = phases.make_model_phase(update, phases.batch_sampler(self.config, name), self.mesh, num_steps)
+            self._compiled[key] = fn
+        return self._compiled[key]
+
+    def _train(self, name: str) -> None:
+        p, t = self.progress, self.config[name].training
+        total = t.steps_first_epoch if p.epoch == 1 else t.steps_per_epoch
+        replay = self.replay.device_replay()
+        key = jax.random.fold_in(jax.random.fold_in(self.key, KEY_MODEL[name]), p.epoch)
+        if name == "actor_critic" and not p.imagination_started and total > 0:
+            self._start_imagination(replay)
+        bar = tqdm(total=total, initial=p.phase_step, desc=f"Epoch {p.epoch}/{self.num_epochs} {name}",
+                   unit="update", dynamic_ncols=True)
+        while p.phase_step < total:
+            n = min(self.config.training.steps_per_call, total - p.phase_step)
+            fn = self._phase_fn(name, n)
+            model = self.state["models"][name]
+            first = jnp.int32(p.phase_step)
+            if name == "actor_critic":
+                world_model = {m: self.state["models"][m].variables() for m in ("denoiser", "rew_end_model")}
+                model, imagined, metrics = fn(model, self.state["imagined"], world_model, replay, key, first)
+            else:
+                model, metrics = fn(model, replay, key, first)
+            finite, index = phases.first_non_finite(metrics[LOSS[name]])
+            if not finite:
+                raise NonFiniteLoss(
+                    f"The {name} loss became {float(metrics[LOSS[name]][index])} at update {p.phase_step + index} "
+                    f"of epoch {p.epoch} (its update {int(model.step) - n + index} overall). The run stopped "
+                    f"without saving; the last good checkpoint is in {self.checkpointer.directory}. Fix: lower "
+                    f"--config.{name}.optimizer.lr or check the data, then resume.")
+            self.state["models"][name] = model
+            if name == "actor_critic":
+                self.state["imagined"] = imagined
+            p.phase_step += n
+            self.logger.scalars(int(model.step), phases.mean_metrics(metrics), prefix=f"{name}/train/")
+            bar.update(n)
+            if p.phase_step < total:
+                self._maybe_stop_or_save()
+        bar.close()
+
+    def _start_imagination(self, replay) -> None:
+        variables = {name: self.state["models"][name].variables() for name in MODEL_NAMES}
+        start = phases.make_imagination_start(self.agent, self.config, self.mesh)
+        self.state["imagined"] = start(variables, replay, jax.random.fold_in(self.key, KEY_IMAGINE))
+        self.progress.imagination_started = True
+
+    # ---- Evaluation and results.
+
+    def _test_episodes(self, num_episodes: int) -> Dict[str, List]:
+        p = self.progress
+        p.num_evaluations += 1
+        key = jax.random.fold_in(jax.random.fold_in(self.key, KEY_EVAL), p.num_evaluations)
+        return collect_test_episodes(self.config, self.agent.actor_critic,
+                                     self.state["models"]["actor_critic"].variables(), num_episodes, key,
+                                     self._env_seed(p.num_evaluations))
+
+    def _evaluate(self) -> None:
+        result = self._test_episodes(self.config.collection.test.num_episodes)
+        self._record_evaluation(result, final=False)
+        rollout = self._imagined_rollout()
+        self.logger.video(self.replay.num_steps, "imagination/rollout", np.asarray(rollout.obs))
+
+    def _imagined_rollout(self):
+        if "rollout" not in self._compiled:
+            rows = self.config.actor_critic.training.batch_size
+            self._compiled["rollout"] = phases.make_imagined_rollout(self.agent, self.config, self.mesh, rows)
+        variables = {name: self.state["models"][name].variables() for name in MODEL_NAMES}
+        key = jax.random.fold_in(jax.random.fold_in(self.key, KEY_IMAGINE), self.progress.epoch)
+        return self._compiled["rollout"](variables, self.replay.device_replay(), key)
+
+    def _record_evaluation(self, result: Dict[str, List], final: bool) -> None:
+        p = self.progress
+        mean = float(np.mean(result["returns"]))
+        record = {"epoch": p.epoch, "env_steps": self.replay.num_steps, "returns": result["returns"],
+                  "lengths": result["lengths"], "mean_return": mean, "final": final}
+        with open(os.path.join(self.workdir, "evaluations.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.logger.scalars(self.replay.num_steps, {
+            "test/return_mean": mean, "test/return_std": float(np.std(result["returns"])),
+            "test/length_mean": float(np.mean(result["lengths"])),
+            "test/human_normalized_score": scores.human_normalized_score(self.config.game, mean)})
+        logging.info("Evaluation at epoch %d: mean return %.2f over %d episodes", p.epoch, mean,
+                     len(result["returns"]))
+
+    def _final_evaluation(self) -> None:
+        result = self._test_episodes(self.config.collection.test.num_final_episodes)
+        self._record_evaluation(result, final=True)
+        mean = float(np.mean(result["returns"]))
+        results = {
+            "game": self.config.game, "seed": self.config.seed, "env_steps": self.replay.num_steps,
+            "max_episode_steps": self.config.env.max_episode_steps, "returns": result["returns"],
+            "lengths": result["lengths"], "mean_return": mean,
+            "human_normalized_score": scores.human_normalized_score(self.config.game, mean),
+        }
+        tmp = os.path.join(self.workdir, "results.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(results, f, indent=2)
+        os.replace(tmp, os.path.join(self.workdir, "results.json"))
+
+    def _results(self) -> Dict[str, Any]:
+        with open(os.path.join(self.workdir, "results.json")) as f:
+            return json.load(f)
+
+
+def _collector_to_json(state: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in state.items()}
+
+
+def _collector_from_json(state: Dict[str, Any]) -> Dict[str, Any]:
+    arrays = {"key": np.uint32, "acts": np.int32, "hx": np.float32, "cx": np.float32, "ep_return": np.float64,
+              "ep_length": np.int64}
+    return {k: np.asarray(v, arrays[k]) if k in arrays else v for k, v in state.items()}

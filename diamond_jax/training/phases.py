@@ -1,0 +1,127 @@
+"""The three training phases as compiled programs: `steps_per_call` updates in one `lax.scan`, each update
+sampling its own batch from the replay dataset on the device, so that no batch crosses the host.
+
+Every update's key is fold_in(phase key, update index): the same updates draw the same numbers however the
+phase is cut into calls, which is what lets a resumed run match an uninterrupted one exactly.
+"""
+
+import functools
+from typing import Any, Callable, Dict, Tuple
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from diamond_jax import imagination
+from diamond_jax.agent import Agent
+from diamond_jax.data.batch import Batch
+from diamond_jax.data.replay import DeviceReplay, sample_segments
+from diamond_jax.imagination import ActorCriticInputs, ImaginationState, InitialConditions
+from diamond_jax.training import parallel, steps
+from diamond_jax.training.steps import TrainState
+
+Metrics = Dict[str, jax.Array]
+
+
+def batch_sampler(config, name: str) -> Callable[[DeviceReplay, jax.Array], Batch]:
+    """Segments for one model, with the official lengths and padding rules."""
+    t = config[name].training
+    n = config.denoiser.inner_model.num_steps_conditioning
+    if name == "denoiser":
+        seq_length, beyond_end = n + 1 + t.num_autoregressive_steps, False
+    else:
+        seq_length, beyond_end = t.seq_length, True
+    return functools.partial(sample_segments, batch_size=t.batch_size, seq_length=seq_length,
+                             sample_weights=tuple(t.sample_weights), can_sample_beyond_end=beyond_end)
+
+
+def initial_conditions_sampler(config, num_rows: int) -> Callable[[DeviceReplay, jax.Array], InitialConditions]:
+    """num_steps_conditioning real frames and actions per row, padding only before an episode's start."""
+    n = config.denoiser.inner_model.num_steps_conditioning
+    weights = tuple(config.actor_critic.training.sample_weights)
+
+    def sample(replay: DeviceReplay, key: jax.Array) -> InitialConditions:
+        batch = sample_segments(replay, key, num_rows, n, weights, False)
+        return InitialConditions(batch.obs, batch.act)
+
+    return sample
+
+
+def make_model_phase(update, sample_batch, mesh: Mesh, num_steps: int):
+    """chunk(state, replay, key, first_step) -> (state, metrics stacked over num_steps updates)."""
+    rep, data = parallel.replicated(mesh), parallel.data_sharded(mesh)
+
+    def chunk(state: TrainState, replay: DeviceReplay, key: jax.Array, first_step: jax.Array):
+        def body(state, i):
+            key_sample, key_update = jax.random.split(jax.random.fold_in(key, first_step + i))
+            batch = jax.lax.with_sharding_constraint(sample_batch(replay, key_sample), data)
+            return update(state, batch, key_update)
+
+        return jax.lax.scan(body, state, jnp.arange(num_steps))
+
+    return jax.jit(chunk, in_shardings=(rep, rep, rep, rep), out_shardings=(rep, rep), donate_argnums=(0,))
+
+
+def make_actor_critic_phase(agent: Agent, config, optimizer, mesh: Mesh, num_steps: int):
+    """chunk(state, imagined, world_model, replay, key, first_step) -> (state, imagined, metrics): updates of
+    the actor-critic, each through one imagined rollout continuing the imagined environments' state."""
+    rep, data = parallel.replicated(mesh), parallel.data_sharded(mesh)
+    b = config.actor_critic.training.batch_size
+    k = config.world_model_env.initial_conditions_per_row
+    sample_pool = initial_conditions_sampler(config, b * k)
+    update = steps.make_update(imagination.make_actor_critic_loss(agent, config.world_model_env.horizon), optimizer,
+                               has_output=True)
+
+    def chunk(state: TrainState, imagined: ImaginationState, world_model, replay: DeviceReplay, key: jax.Array,
+              first_step: jax.Array):
+        def body(carry, i):
+            state, imagined = carry
+            key_pool, key_update = jax.random.split(jax.random.fold_in(key, first_step + i))
+            pool = jax.tree.map(lambda x: x.reshape((b, k) + x.shape[1:]), sample_pool(replay, key_pool))
+            inputs = ActorCriticInputs(imagined, jax.lax.with_sharding_constraint(pool, data), world_model)
+            state, metrics, imagined = update(state, inputs, key_update)
+            return (state, jax.lax.with_sharding_constraint(imagined, data)), metrics
+
+        (state, imagined), metrics = jax.lax.scan(body, (state, imagined), jnp.arange(num_steps))
+        return state, imagined, metrics
+
+    return jax.jit(chunk, in_shardings=(rep, data, rep, rep, rep, rep), out_shardings=(rep, data, rep),
+                   donate_argnums=(0, 1))
+
+
+def make_imagination_start(agent: Agent, config, mesh: Mesh):
+    """start(variables, replay, key) -> ImaginationState: every row at a fresh, burnt-in initial condition."""
+    sample = initial_conditions_sampler(config, config.actor_critic.training.batch_size)
+
+    def start(variables, replay: DeviceReplay, key: jax.Array) -> ImaginationState:
+        return imagination.initial_state(imagination.burn_in(agent, variables, sample(replay, key)))
+
+    return jax.jit(start, out_shardings=parallel.data_sharded(mesh))
+
+
+def make_imagined_rollout(agent: Agent, config, mesh: Mesh, num_rows: int):
+    """rollout(variables, replay, key) -> Trajectory from fresh initial conditions, for videos of imagination."""
+    horizon = config.world_model_env.horizon
+    sample = initial_conditions_sampler(config, num_rows)
+
+    def run(variables, replay: DeviceReplay, key: jax.Array) -> imagination.Trajectory:
+        key_start, key_pool, key_rollout = jax.random.split(key, 3)
+        state = imagination.initial_state(imagination.burn_in(agent, variables, sample(replay, key_start)))
+        pool = jax.tree.map(lambda x: x[:, None], sample(replay, key_pool))
+        return imagination.rollout(agent, variables, state, pool, key_rollout, horizon)[0]
+
+    return jax.jit(run, out_shardings=parallel.replicated(mesh))
+
+
+def first_non_finite(values: jax.Array) -> Tuple[bool, int]:
+    """(all finite, index of the first non-finite value) of a 1-d array of losses."""
+    finite = jnp.isfinite(values)
+    return bool(jnp.all(finite)), int(jnp.argmin(finite))
+
+
+def mean_metrics(metrics: Metrics) -> Dict[str, Any]:
+    """Chunk means of scalar metrics; counts (confusion matrices) are summed."""
+    out = {}
+    for name, value in jax.device_get(metrics).items():
+        out[name] = value.sum(axis=0) if name.startswith("confusion") else float(value.mean())
+    return out
