@@ -163,8 +163,9 @@ def _from_official(state_dict: Mapping[str, Any], models: Dict[str, Tuple[Any, L
     if problems:
         raise ConversionError(
             f"the state dict does not fit our model ({len(problems)} problems):\n  " + "\n  ".join(problems)
-            + "\nFix: build the model from the config the checkpoint was trained with (the official release uses "
-            "configs/atari100k.py), and check that the file is a complete official checkpoint.")
+            + "\nFix: use the config the checkpoint was trained with (for python -m diamond_jax.convert: --config and "
+            "--config.<field>=<value>; the official release's is the default, configs/atari100k.py), and check that "
+            "the file is a complete official checkpoint.")
 
     values = {}
     for key, (name, entry) in expected.items():

@@ -468,7 +468,7 @@ def test_checkpoint_of_another_architecture(tmp_path, official_checkpoint, debug
     assert "mis-shaped denoiser.inner_model.conv_in.weight: shape (64, 15, 3, 3), expected (8, 15, 3, 3)" in message
     assert "missing denoiser.inner_model.unet.d_blocks.0.resblocks.0.conv1.weight" not in message
     assert "unexpected denoiser.inner_model.unet.d_blocks.0.resblocks.1.conv1.weight" in message
-    assert "Fix: build the model from the config the checkpoint was trained with" in message
+    assert "Fix: use the config the checkpoint was trained with" in message
 
 
 def test_integer_tensor_and_disagreeing_action_counts(tmp_path, debug_config, debug_variables):
