@@ -31,7 +31,8 @@ from ml_collections import config_dict
 
 from diamond_jax import config as config_lib
 from diamond_jax.agent import MODEL_NAMES, Agent, AgentVariables
-from diamond_jax.training.agent_checkpoint import AgentCheckpointError, file_sha256, read_agent_info, save_agent
+from diamond_jax.training.agent_checkpoint import (
+    AgentCheckpointError, abstract_variables, file_sha256, read_agent_info, save_agent)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "atari100k.py"
 
@@ -144,7 +145,7 @@ def agent_to_official(variables: AgentVariables) -> StateDict:
 
 def agent_from_official(state_dict: Mapping[str, Any], agent: Agent) -> AgentVariables:
     """An official agent state dict (numpy arrays) -> the variables of `agent`, checked all at once."""
-    abstract = jax.eval_shape(agent.init, jax.random.key(0))
+    abstract = abstract_variables(agent)
     return _from_official(state_dict, {name: (abstract[name], AGENT_LAYOUTS[name]) for name in MODEL_NAMES})
 
 

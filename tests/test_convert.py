@@ -160,12 +160,12 @@ def debug_config():
 
 @pytest.fixture(scope="module")
 def paper_variables(paper_config):
-    return random_like(ac.abstract_variables(paper_config, 4))
+    return random_like(ac.abstract_variables(Agent.from_config(paper_config, 4)))
 
 
 @pytest.fixture(scope="module")
 def debug_variables(debug_config):
-    return random_like(ac.abstract_variables(debug_config, 4), seed=1)
+    return random_like(ac.abstract_variables(Agent.from_config(debug_config, 4)), seed=1)
 
 
 def torch_save(torch, state, path):
@@ -434,16 +434,17 @@ def test_convert_trainer_state(tmp_path, debug_config, debug_variables):
 
 def test_num_actions_come_from_the_checkpoint(tmp_path, debug_config):
     torch = pytest.importorskip("torch")
-    variables = random_like(ac.abstract_variables(debug_config, 6), seed=5)
+    variables = random_like(ac.abstract_variables(Agent.from_config(debug_config, 6)), seed=5)
     path = torch_save(torch, cv.agent_to_official(variables), tmp_path / "Pong.pt")
     cv.convert(path, tmp_path, debug_config, game="Pong")
     _check_converted(tmp_path, variables, path, "Pong", 6)
 
 
 def _convert_error(path, config, game="Breakout", workdir=None):
+    workdir = workdir or path.parent / "out"
     with pytest.raises(cv.ConversionError) as e:
-        cv.convert(path, workdir or path.parent / "out", config, game=game)
-    assert not (path.parent / "out" / "agent").exists()
+        cv.convert(path, workdir, config, game=game)
+    assert not (workdir / "agent").exists()
     return str(e.value)
 
 
@@ -529,7 +530,7 @@ def test_save_load_round_trip(tmp_path, debug_config, debug_variables):
     assert_trees_equal(jax.tree.map(np.asarray, variables), debug_variables)
     assert ac.read_agent_info(directory)["step"] == 7
 
-    newer = random_like(ac.abstract_variables(debug_config, 4), seed=9)
+    newer = random_like(ac.abstract_variables(Agent.from_config(debug_config, 4)), seed=9)
     ac.save_agent(tmp_path / "agent", debug_config, newer, step=8)
     assert_trees_equal(jax.tree.map(np.asarray, ac.load_agent(tmp_path / "agent")[2]), newer)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["agent"]
@@ -544,7 +545,7 @@ def test_save_rejects_variables_of_another_config(tmp_path, paper_config, debug_
 def test_interrupted_saves_leave_the_previous_agent(tmp_path, monkeypatch, debug_config, debug_variables):
     directory = tmp_path / "agent"
     ac.save_agent(directory, debug_config, debug_variables, step=1)
-    newer = random_like(ac.abstract_variables(debug_config, 4), seed=3)
+    newer = random_like(ac.abstract_variables(Agent.from_config(debug_config, 4)), seed=3)
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt

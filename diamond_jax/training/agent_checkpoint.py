@@ -43,7 +43,8 @@ def save_agent(directory: PathLike, config: config_dict.ConfigDict, variables: A
     """Writes the agent to `directory`, replacing any agent there only once the new one is complete."""
     directory = Path(directory).absolute()
     num_actions = _num_actions(variables)
-    problems = _shape_problems(_shapes(variables), _shapes(abstract_variables(config, num_actions)))
+    expected = abstract_variables(Agent.from_config(config, num_actions))
+    problems = _shape_problems(_shapes(variables), _shapes(expected))
     if problems:
         raise AgentCheckpointError(
             f"Not saving to {directory}: the variables do not fit the config's agent with {num_actions} "
@@ -78,7 +79,7 @@ def load_agent(directory: PathLike) -> Tuple[config_dict.ConfigDict, Agent, Agen
         config = _config_from_json(info["config"])
         num_actions = int(info["num_actions"])
         agent = Agent.from_config(config, num_actions)
-        abstract = abstract_variables(config, num_actions)
+        abstract = abstract_variables(agent)
     except Exception as e:
         raise AgentCheckpointError(
             f"{directory / INFO_FILE}: its config cannot build an agent ({type(e).__name__}: {e}). Fix: "
@@ -116,9 +117,9 @@ def _read_info(directory: Path) -> Dict[str, Any]:
     return info
 
 
-def abstract_variables(config: config_dict.ConfigDict, num_actions: int) -> AgentVariables:
-    """Shapes and dtypes of Agent.init's variables for this config, without computing them."""
-    return jax.tree.map(lambda x: x, _abstract_variables(Agent.from_config(config, num_actions)))
+def abstract_variables(agent: Agent) -> AgentVariables:
+    """Shapes and dtypes of agent.init's variables, without computing them."""
+    return jax.tree.map(lambda x: x, _abstract_variables(agent))
 
 
 @functools.lru_cache(maxsize=4)
