@@ -54,7 +54,7 @@ def save_agent(directory: PathLike, config: config_dict.ConfigDict, variables: A
         "format_version": FORMAT_VERSION,
         "num_actions": num_actions,
         "game": config.game,
-        "step": step,
+        "step": None if step is None else int(step),  # a jax or numpy integer is not JSON
         "provenance": provenance or {},
         "config": json.loads(config.to_json_best_effort()),
     }
