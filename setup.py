@@ -2,14 +2,14 @@ from setuptools import find_packages, setup
 
 EXTRAS = {
     # Reading official PyTorch checkpoints (python -m diamond_jax.convert).
-    "convert": ["torch"],
+    "convert": ["torch>=2.1"],
     # Playing inside a world model and writing videos (python -m diamond_jax.play / dream).
     "play": ["pygame>=2.5", "imageio>=2.30", "imageio-ffmpeg>=0.4.9", "matplotlib>=3.7"],
     # Cluster sweeps (launch/) and the results report (python -m diamond_jax.report).
     # rliable pins arch<8, and every arch<8 fails to import under pandas>=3.
     "sweep": ["submitit>=1.5", "rliable>=1.2", "pandas<3", "matplotlib>=3.7"],
 }
-EXTRAS["test"] = sorted({"pytest>=8", "pytest-xdist>=3.5", *EXTRAS["play"], *EXTRAS["sweep"]})
+EXTRAS["test"] = sorted({"pytest>=8", "pytest-xdist>=3.5", "torch>=2.1,<2.14", *EXTRAS["play"], *EXTRAS["sweep"]})
 
 setup(
     name="diamond_jax",
