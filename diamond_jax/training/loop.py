@@ -29,6 +29,7 @@ from diamond_jax.data.replay import ReplayDataset
 from diamond_jax.envs import atari
 from diamond_jax.envs.collect import TrainCollector, collect_test_episodes, keep_collecting_initial
 from diamond_jax.training import parallel, phases, steps
+from diamond_jax.training.agent_checkpoint import save_agent
 from diamond_jax.training.checkpoint import RunCheckpointer
 from diamond_jax.training.logger import RunLogger
 
@@ -154,7 +155,9 @@ class Trainer:
                                             jax.random.fold_in(self.key, KEY_COLLECT), self._env_seed(0))
             logging.info("Starting a new run in %s", self.workdir)
             return
-        self._save_index, self.state, meta = restored
+        index, self.state, meta = restored
+        # Numbers after an unreadable newer checkpoint, which stays where it is for inspection.
+        self._save_index = max(self.checkpointer.all_indices())
         self.progress = Progress(**meta["progress"])
         self.replay = ReplayDataset.load(os.path.join(self.workdir, "replay"), up_to=meta["replay"],
                                          sharding=self.rep)
@@ -165,7 +168,7 @@ class Trainer:
             raise RuntimeError(f"the checkpoint's collector has {self.collector.num_steps} steps but its dataset "
                                f"{self.replay.num_steps}; the run directory {self.workdir} is inconsistent.")
         logging.info("Resumed %s from checkpoint %d: epoch %d, phase %s, update %d", self.workdir,
-                     self._save_index, self.progress.epoch, self.progress.phase, self.progress.phase_step)
+                     index, self.progress.epoch, self.progress.phase, self.progress.phase_step)
 
     def _env_seed(self, stream: int) -> int:
         """Distinct envpool seeds for the training envs (stream 0) and each evaluation (stream 1, 2, ...)."""
@@ -325,7 +328,12 @@ class Trainer:
                                      self.state["models"]["actor_critic"].variables(), num_episodes, key,
                                      self._env_seed(p.num_evaluations))
 
+    def _save_agent(self) -> None:
+        variables = {name: self.state["models"][name].variables() for name in MODEL_NAMES}
+        save_agent(os.path.join(self.workdir, "agent"), self.config, variables, step=self.progress.epoch)
+
     def _evaluate(self) -> None:
+        self._save_agent()
         result = self._test_episodes(self.config.collection.test.num_episodes)
         self._record_evaluation(result, final=False)
         rollout = self._imagined_rollout()
@@ -354,6 +362,7 @@ class Trainer:
                      len(result["returns"]))
 
     def _final_evaluation(self) -> None:
+        self._save_agent()
         result = self._test_episodes(self.config.collection.test.num_final_episodes)
         self._record_evaluation(result, final=True)
         mean = float(np.mean(result["returns"]))

@@ -1,0 +1,203 @@
+"""The whole training loop on the debug preset: a run end to end, kill-and-resume equality, SIGTERM,
+a non-finite loss, and a corrupt checkpoint."""
+
+import glob
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import numpy as np
+import pytest
+from tensorboardX.proto import event_pb2
+
+from configs import atari100k
+from diamond_jax.data.replay import ReplayDataset
+from diamond_jax.training import loop
+from diamond_jax.training.agent_checkpoint import load_agent
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def debug_config(**overrides):
+    config = atari100k.get_config("debug").unlock()
+    for field, value in overrides.items():
+        *parents, leaf = field.split(".")
+        section = config
+        for p in parents:
+            section = section[p]
+        section[leaf] = value
+    return config.lock()
+
+
+def final_state(workdir):
+    """The run's last checkpoint (models, imagination state) and its replay dataset."""
+    trainer = loop.Trainer(debug_config(), workdir)
+    state = jax.device_get(trainer.state)
+    trainer.checkpointer.close()
+    trainer.logger.close()
+    return state, trainer.replay, trainer.progress
+
+
+def event_tags(path):
+    """Summary tags in a TensorBoard event file (TFRecords: length, its crc, an Event, its crc)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    tags, i = set(), 0
+    while i < len(data):
+        (n,) = struct.unpack("<Q", data[i:i + 8])
+        tags |= {v.tag for v in event_pb2.Event.FromString(data[i + 12:i + 12 + n]).summary.value}
+        i += 12 + n + 4
+    return tags
+
+
+def replay_contents(replay: ReplayDataset):
+    return [replay.episode(i) for i in range(replay.num_episodes)]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("reference"))
+    results = loop.Trainer(debug_config(), workdir).run()
+    return workdir, results
+
+
+def test_a_run_trains_evaluates_checkpoints_and_writes_results(reference_run):
+    workdir, results = reference_run
+    config = debug_config()
+    with open(os.path.join(workdir, "results.json")) as f:
+        on_disk = json.load(f)
+    assert on_disk == results
+    assert on_disk["game"] == "Breakout" and len(on_disk["returns"]) == config.collection.test.num_final_episodes
+    assert on_disk["mean_return"] == pytest.approx(np.mean(on_disk["returns"]))
+    assert on_disk["env_steps"] == config.collection.train.num_steps_total
+    # HNS of Breakout: (score - 1.7) / (30.5 - 1.7).
+    assert on_disk["human_normalized_score"] == pytest.approx((on_disk["mean_return"] - 1.7) / 28.8)
+    with open(os.path.join(workdir, "evaluations.jsonl")) as f:
+        evaluations = [json.loads(line) for line in f]
+    assert evaluations[-1]["final"] and not evaluations[0]["final"]
+    assert all(e["epoch"] % config.evaluation.every == 0 for e in evaluations)
+
+    state, replay, progress = final_state(workdir)
+    assert progress.finished and replay.num_steps == config.collection.train.num_steps_total
+    epochs = progress.num_epochs_collect + config.training.num_final_epochs
+    for name in ("denoiser", "rew_end_model", "actor_critic"):
+        t = config[name].training
+        assert int(state["models"][name].step) == t.steps_first_epoch + (epochs - 1) * t.steps_per_epoch
+    # The actor-critic's heads start at zero; training moved them.
+    assert np.abs(state["models"]["actor_critic"].params["actor_linear"]["kernel"]).max() > 0
+
+    assert os.path.isdir(os.path.join(workdir, "checkpoints"))
+    tags = set()
+    for path in glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*")):
+        tags |= event_tags(path)
+    for tag in ("denoiser/train/loss_denoising", "rew_end_model/train/loss_total", "actor_critic/train/loss_total",
+                "test/return_mean", "imagination/rollout", "train/episode_return"):
+        assert tag in tags, (tag, sorted(tags))
+    agent_config, agent, variables = load_agent(os.path.join(workdir, "agent"))
+    chex.assert_trees_all_close(variables["actor_critic"]["params"], state["models"]["actor_critic"].params)
+
+
+def test_a_finished_run_is_not_trained_again(reference_run):
+    workdir, results = reference_run
+    before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+    assert loop.Trainer(debug_config(), workdir).run() == results
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
+
+
+class StopsAfter(loop.Trainer):
+    """Asks itself to stop at its n-th opportunity, as a SIGTERM would."""
+
+    def __init__(self, *args, stop_after, **kwargs):
+        self._opportunities = stop_after
+        super().__init__(*args, **kwargs)
+
+    def _maybe_stop_or_save(self):
+        self._opportunities -= 1
+        if self._opportunities == 0:
+            self.request_stop()
+        super()._maybe_stop_or_save()
+
+
+@pytest.mark.parametrize("stop_after", [3, 7])
+def test_killed_and_resumed_equals_uninterrupted(reference_run, tmp_path, stop_after):
+    workdir = str(tmp_path)
+    with pytest.raises(loop.Preempted):
+        StopsAfter(debug_config(), workdir, stop_after=stop_after).run()
+    results = loop.Trainer(debug_config(), workdir).run()
+    assert results == reference_run[1]
+    got, want = final_state(workdir), final_state(reference_run[0])
+    chex.assert_trees_all_equal(got[0], want[0])
+    for a, b in zip(replay_contents(got[1]), replay_contents(want[1]), strict=True):
+        chex.assert_trees_all_equal(a, b)
+
+
+def test_sigterm_saves_and_exits_with_the_resume_code(tmp_path):
+    workdir = str(tmp_path / "run")
+    command = [sys.executable, "-m", "diamond_jax.main", "--config=configs/atari100k.py:debug", f"--workdir={workdir}"]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not glob.glob(os.path.join(workdir, "checkpoints", "1")) and time.time() < deadline:
+        assert process.poll() is None, process.stdout.read()
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 75, output
+    assert "Pre-empted" in output
+    assert not os.path.exists(os.path.join(workdir, "results.json"))
+    assert len(os.listdir(os.path.join(workdir, "checkpoints"))) >= 2
+    finished = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert os.path.exists(os.path.join(workdir, "results.json"))
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    workdir = str(tmp_path)
+    config = debug_config(**{"denoiser.optimizer.lr": 1e30, "denoiser.training.lr_warmup_steps": 0})
+    trainer = loop.Trainer(config, workdir)
+    with pytest.raises(loop.NonFiniteLoss, match=r"The denoiser loss became (nan|inf|-inf) at update \d+ of epoch 1"):
+        trainer.run()
+    # The checkpoint taken after the initial collection is intact and resumes the run at the denoiser phase.
+    resumed = loop.Trainer(config, workdir)
+    assert (resumed.progress.epoch, resumed.progress.phase) == (1, "collect")
+    assert resumed.replay.num_steps == config.collection.train.first_epoch.max
+    resumed.checkpointer.close()
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(reference_run, tmp_path, caplog):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(reference_run[0], workdir)
+    checkpoints = os.path.join(workdir, "checkpoints")
+    newest = max(int(d) for d in os.listdir(checkpoints) if d.isdigit())
+    for path in glob.glob(os.path.join(checkpoints, str(newest), "state", "**", "*"), recursive=True):
+        if os.path.isfile(path):
+            with open(path, "wb") as f:
+                f.write(b"corrupt")
+    os.remove(os.path.join(workdir, "results.json"))
+    trainer = loop.Trainer(debug_config(), workdir)
+    assert any(f"checkpoints/{newest} is unreadable" in r.getMessage() for r in caplog.records)
+    assert not trainer.progress.finished
+    # Run again from the checkpoint before: the same results, the same final models.
+    assert trainer.run() == reference_run[1]
+    chex.assert_trees_all_equal(final_state(workdir)[0], final_state(reference_run[0])[0])
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"denoiser.optimizer.lr": 3e-4}, "holds a run with another config .*denoiser.optimizer.lr"),
+])
+def test_resuming_with_another_config_is_refused(reference_run, change, match):
+    with pytest.raises(ValueError, match=match):
+        loop.Trainer(debug_config(**change), reference_run[0])
+
+
+def test_an_unwritable_workdir_fails_before_training(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(OSError, match="is not writable.*Fix"):
+        loop.Trainer(debug_config(), str(blocker / "run"))
