@@ -1,0 +1,95 @@
+"""The compiled training phases: the same updates on one device and on two, and sampling inside the scan.
+
+Calls run `debug_config.training.steps_per_call` updates, as the training loop's do, so that these tests and
+the loop's share compiled programs through the persistent compilation cache."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import pytest
+
+from diamond_jax.data.replay import ReplayDataset, synthetic_replay
+from diamond_jax.training import parallel, phases, steps
+
+
+@pytest.fixture(scope="module")
+def replay_host(debug_config):
+    return synthetic_replay(debug_config, seed=0)
+
+
+def new_state(variables, optimizer, mesh):
+    """A train state placed on the mesh, on copies: the phases donate their state."""
+    return jax.device_put(steps.TrainState.create(jax.tree.map(jnp.copy, variables), optimizer),
+                          parallel.replicated(mesh))
+
+
+def device_replay(replay: ReplayDataset, mesh):
+    """The replay's device arrays, replicated on the mesh (a copy: the training phases do not donate it)."""
+    return jax.device_put(jax.tree.map(jnp.copy, replay.device_replay()), parallel.replicated(mesh))
+
+
+@pytest.mark.parametrize("name", ["denoiser", "rew_end_model"])
+def test_world_model_phase_is_the_same_on_one_and_two_devices(debug_agent, debug_config, replay_host, name):
+    agent, variables = debug_agent
+    optimizer = steps.optimizer_from_config(debug_config[name])
+    update = steps.make_update(getattr(agent, name).loss, optimizer)
+    results = []
+    for n in (1, 2):
+        mesh = parallel.make_mesh(n)
+        chunk = phases.make_model_phase(update, phases.batch_sampler(debug_config, name), mesh,
+                                        debug_config.training.steps_per_call)
+        state = new_state(variables[name], optimizer, mesh)
+        state, metrics = chunk(state, device_replay(replay_host, mesh), jax.random.key(0), jnp.int32(5))
+        results.append((jax.device_get(state.params), jax.device_get(metrics)))
+    chex.assert_trees_all_close(results[0], results[1], atol=1e-5, rtol=1e-4)
+    assert results[0][1][phases_loss(name)].shape == (debug_config.training.steps_per_call,)
+
+
+def phases_loss(name):
+    return {"denoiser": "loss_denoising", "rew_end_model": "loss_total"}[name]
+
+
+def test_actor_critic_phase_is_the_same_on_one_and_two_devices(debug_agent, debug_config, replay_host):
+    agent, variables = debug_agent
+    optimizer = steps.optimizer_from_config(debug_config.actor_critic)
+    world_model = {k: variables[k] for k in ("denoiser", "rew_end_model")}
+    results = []
+    for n in (1, 2):
+        mesh = parallel.make_mesh(n)
+        replay = device_replay(replay_host, mesh)
+        imagined = phases.make_imagination_start(agent, debug_config, mesh)(variables, replay, jax.random.key(1))
+        chunk = phases.make_actor_critic_phase(agent, debug_config, optimizer, mesh,
+                                               debug_config.training.steps_per_call)
+        state = new_state(variables["actor_critic"], optimizer, mesh)
+        state, imagined, metrics = chunk(state, imagined, jax.device_put(world_model, parallel.replicated(mesh)),
+                                         replay, jax.random.key(2), jnp.int32(0))
+        if n == 2:
+            assert len(imagined.obs.sharding.device_set) == 2
+        results.append(jax.device_get((state.params, imagined, metrics)))
+    chex.assert_trees_all_close(results[0], results[1], atol=1e-5, rtol=1e-4)
+
+
+def test_updates_draw_the_same_numbers_however_a_phase_is_cut(debug_agent, debug_config, replay_host):
+    """Four updates in one call equal two calls of two: keys depend on the update's index only."""
+    agent, variables = debug_agent
+    optimizer = steps.optimizer_from_config(debug_config.denoiser)
+    update = steps.make_update(agent.denoiser.loss, optimizer)
+    mesh = parallel.make_mesh(1)
+    sample = phases.batch_sampler(debug_config, "denoiser")
+    replay = device_replay(replay_host, mesh)
+    key = jax.random.key(3)
+
+    def fresh():
+        return new_state(variables["denoiser"], optimizer, mesh)
+
+    assert debug_config.training.steps_per_call == 4
+    one, _ = phases.make_model_phase(update, sample, mesh, 4)(fresh(), replay, key, jnp.int32(0))
+    two = phases.make_model_phase(update, sample, mesh, 2)
+    state, _ = two(fresh(), replay, key, jnp.int32(0))
+    state, _ = two(state, replay, key, jnp.int32(2))
+    chex.assert_trees_all_equal(jax.device_get(one.params), jax.device_get(state.params))
+
+
+def test_first_non_finite():
+    assert phases.first_non_finite(jnp.array([1.0, 2.0])) == (True, 0)
+    assert phases.first_non_finite(jnp.array([1.0, jnp.inf, jnp.nan])) == (False, 1)
