@@ -8,6 +8,7 @@ written), 75 when it saved a checkpoint and stopped on SIGTERM (run the same com
 """
 
 import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -34,6 +35,25 @@ def _initialize_distributed() -> None:
     if int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "JAX_COORDINATOR_ADDRESS" in os.environ:
         jax.distributed.initialize()
         logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+
+
+def _parse_flags(argv):
+    """absl's parsing, with config errors (an unknown field, a bad preset) reported without a traceback."""
+    from diamond_jax.config import ConfigError
+
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as error:
+        # ml_collections reports an error raised in the config file as the text of its traceback.
+        raised = re.search(rf"{ConfigError.__module__}\.ConfigError: (.*)", str(error))
+        print(f"error: {raised.group(1) if raised else error}\nPass --help to see the flags.", file=sys.stderr)
+    except (AttributeError, KeyError) as error:
+        overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+        hint = re.search(r'Did you mean "(\w+)"', str(error))
+        hint = f' (did you mean "{hint.group(1)}"?)' if hint else ""
+        print(f"error: unknown config field in {' '.join(overrides)}{hint}. Fix: use a field of the config file "
+              "(each is listed with a comment in configs/atari100k.py).", file=sys.stderr)
+    sys.exit(EXIT_BAD_INPUT)
 
 
 def _quiet_orbax(record) -> bool:
@@ -74,4 +94,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

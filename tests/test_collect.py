@@ -96,7 +96,7 @@ def test_train_collector_fills_the_replay_with_what_the_envs_did(model):
     for log in finished:
         episode = replay.episode(log["episode_id"])
         assert log["length"] == len(episode["act"]) and log["return"] == pytest.approx(episode["rew"].sum())
-    assert logs_2["counts/rew_0"] + logs_2["counts/rew_+1"] + logs_2["counts/rew_-1"] == 200
+    assert logs_2["counts/rew_zero"] + logs_2["counts/rew_positive"] + logs_2["counts/rew_negative"] == 200
     assert logs_2["counts/end_1"] == sum(int(np.sum(episode["end"])) for lane in lanes for episode in lane)
 
 

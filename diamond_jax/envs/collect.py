@@ -59,7 +59,7 @@ def _reset_rows(hx_cx: HxCx, first: np.ndarray) -> HxCx:
 
 
 def _counts(replay: ReplayDataset) -> Dict[str, int]:
-    names = ("counts/rew_-1", "counts/rew_0", "counts/rew_+1", "counts/end_0", "counts/end_1")
+    names = ("counts/rew_negative", "counts/rew_zero", "counts/rew_positive", "counts/end_0", "counts/end_1")
     return dict(zip(names, (int(x) for x in (*replay.counts_rew, *replay.counts_end))))
 
 

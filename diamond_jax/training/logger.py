@@ -25,10 +25,14 @@ def encode_gif(frames: np.ndarray, fps: float = 8.0) -> bytes:
 
 
 class RunLogger:
-    def __init__(self, workdir: str):
-        self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    """TensorBoard summaries of a run; a disabled logger (processes other than the first) writes nothing."""
+
+    def __init__(self, workdir: str, enabled: bool = True):
+        self.writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if enabled else None
 
     def scalars(self, step: int, values: Dict[str, Any], prefix: str = "") -> None:
+        if self.writer is None:
+            return
         for name, value in values.items():
             if np.ndim(value) == 0:
                 self.writer.add_scalar(prefix + name, float(value), step)
@@ -41,10 +45,13 @@ class RunLogger:
                     self.writer.add_scalar(f"{prefix}{name}/precision_class_{i}", precision, step)
 
     def video(self, step: int, tag: str, obs: np.ndarray) -> None:
+        if self.writer is None:
+            return
         frames = video_frames(obs)
         t, h, w, _ = frames.shape
         image = Summary.Image(height=h, width=w, colorspace=3, encoded_image_string=encode_gif(frames))
         self.writer.file_writer.add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
 
     def close(self) -> None:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()

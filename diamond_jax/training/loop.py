@@ -116,11 +116,15 @@ class Trainer:
         self.key = jax.random.key(config.seed)
         self.rep, self.data = parallel.replicated(self.mesh), parallel.data_sharded(self.mesh)
         self.checkpointer = RunCheckpointer(os.path.join(self.workdir, "checkpoints"), config.checkpoint.keep)
-        self.logger = RunLogger(self.workdir)
+        # With several processes (jax.distributed), every process computes the same run (collection is seeded
+        # alike) and process 0 alone writes files; orbax coordinates the processes for checkpoints itself.
+        self.is_writer = jax.process_index() == 0
+        self.logger = RunLogger(self.workdir, enabled=self.is_writer)
         self._stop_requested = False
         self._last_save = time.monotonic()
         self._save_index = 0
         self._compiled: Dict[Any, Any] = {}
+        self._final_results: Optional[Dict[str, Any]] = None
         self._restore_or_start()
 
     # ---- State.
@@ -175,7 +179,8 @@ class Trainer:
         return (self.config.seed * 1_000_003 + stream * 10_007) % (2 ** 31 - 1)
 
     def save(self) -> None:
-        self.replay.save(os.path.join(self.workdir, "replay"))
+        if self.is_writer:
+            self.replay.save(os.path.join(self.workdir, "replay"))
         self._save_index += 1
         meta = {"progress": dataclasses.asdict(self.progress),
                 "replay": self.replay.summary(), "collector": _collector_to_json(self.collector.state_dict())}
@@ -352,8 +357,9 @@ class Trainer:
         mean = float(np.mean(result["returns"]))
         record = {"epoch": p.epoch, "env_steps": self.replay.num_steps, "returns": result["returns"],
                   "lengths": result["lengths"], "mean_return": mean, "final": final}
-        with open(os.path.join(self.workdir, "evaluations.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.is_writer:
+            with open(os.path.join(self.workdir, "evaluations.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
         self.logger.scalars(self.replay.num_steps, {
             "test/return_mean": mean, "test/return_std": float(np.std(result["returns"])),
             "test/length_mean": float(np.mean(result["lengths"])),
@@ -372,14 +378,18 @@ class Trainer:
             "lengths": result["lengths"], "mean_return": mean,
             "human_normalized_score": scores.human_normalized_score(self.config.game, mean),
         }
-        tmp = os.path.join(self.workdir, "results.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(results, f, indent=2)
-        os.replace(tmp, os.path.join(self.workdir, "results.json"))
+        self._final_results = results
+        if self.is_writer:
+            tmp = os.path.join(self.workdir, "results.json.tmp")
+            with open(tmp, "w") as f:
+                json.dump(results, f, indent=2)
+            os.replace(tmp, os.path.join(self.workdir, "results.json"))
 
     def _results(self) -> Dict[str, Any]:
-        with open(os.path.join(self.workdir, "results.json")) as f:
-            return json.load(f)
+        if self._final_results is None:  # the run had finished before this process started
+            with open(os.path.join(self.workdir, "results.json")) as f:
+                self._final_results = json.load(f)
+        return self._final_results
 
 
 def _collector_to_json(state: Dict[str, Any]) -> Dict[str, Any]:
