@@ -82,6 +82,14 @@ def initial_state(point: ResetPoint) -> ImaginationState:
                             jnp.zeros(point.act.shape[0], jnp.int32))
 
 
+def zero_state(agent: Agent, batch_size: int) -> ImaginationState:
+    """Rows of zeros with the shapes of an ImaginationState (a placeholder until real initial conditions)."""
+    n, size = agent.denoiser.num_steps_conditioning, agent.size
+    return ImaginationState(jnp.zeros((batch_size, n, size, size, 3)), jnp.zeros((batch_size, n), jnp.int32),
+                            agent.rew_end_model.initial_state(batch_size),
+                            agent.actor_critic.initial_state(batch_size), jnp.zeros((batch_size,), jnp.int32))
+
+
 def _where_rows(mask: jax.Array, a, b):
     """Row-wise select between two pytrees with a leading batch axis."""
     return jax.tree.map(lambda x, y: jnp.where(mask.reshape(mask.shape + (1,) * (x.ndim - 1)), x, y), a, b)

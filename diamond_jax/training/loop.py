@@ -23,7 +23,7 @@ import numpy as np
 from ml_collections import config_dict
 from tqdm import tqdm
 
-from diamond_jax import scores
+from diamond_jax import imagination, scores
 from diamond_jax.agent import MODEL_NAMES, Agent
 from diamond_jax.data.replay import ReplayDataset
 from diamond_jax.envs import atari
@@ -132,13 +132,8 @@ class Trainer:
     def _fresh_state(self) -> Dict[str, Any]:
         variables = self.agent.init(jax.random.fold_in(self.key, KEY_INIT))
         models = {name: steps.TrainState.create(variables[name], self.optimizers[name]) for name in MODEL_NAMES}
-        b = self.config.actor_critic.training.batch_size
-        n, size = self.config.denoiser.inner_model.num_steps_conditioning, self.config.env.size
-        ac_zeros = self.agent.actor_critic.initial_state(b)
-        imagined = phases.ImaginationState(
-            obs=jnp.zeros((b, n, size, size, 3)), act=jnp.zeros((b, n), jnp.int32),
-            rew_end_hx_cx=self.agent.rew_end_model.initial_state(b), ac_hx_cx=ac_zeros,
-            ep_len=jnp.zeros((b,), jnp.int32))
+        # Placeholder rows until the first actor-critic phase starts the imagined environments from real data.
+        imagined = imagination.zero_state(self.agent, self.config.actor_critic.training.batch_size)
         return {"models": models, "imagined": imagined}
 
     def _place(self, state: Dict[str, Any]) -> Dict[str, Any]:
@@ -155,8 +150,7 @@ class Trainer:
             self.state = self._place(self._fresh_state())
             self.progress = Progress()
             self.replay = ReplayDataset.from_config(self.config, sharding=self.rep)
-            self.collector = TrainCollector(self.config, self.agent.actor_critic, self.replay,
-                                            jax.random.fold_in(self.key, KEY_COLLECT), self._env_seed(0))
+            self.collector = self._new_collector()
             logging.info("Starting a new run in %s", self.workdir)
             return
         index, self.state, meta = restored
@@ -165,14 +159,17 @@ class Trainer:
         self.progress = Progress(**meta["progress"])
         self.replay = ReplayDataset.load(os.path.join(self.workdir, "replay"), up_to=meta["replay"],
                                          sharding=self.rep)
-        self.collector = TrainCollector(self.config, self.agent.actor_critic, self.replay,
-                                        jax.random.fold_in(self.key, KEY_COLLECT), self._env_seed(0))
+        self.collector = self._new_collector()
         self.collector.restore(_collector_from_json(meta["collector"]))
         if self.collector.num_steps != self.replay.num_steps:
             raise RuntimeError(f"the checkpoint's collector has {self.collector.num_steps} steps but its dataset "
                                f"{self.replay.num_steps}; the run directory {self.workdir} is inconsistent.")
         logging.info("Resumed %s from checkpoint %d: epoch %d, phase %s, update %d", self.workdir,
                      index, self.progress.epoch, self.progress.phase, self.progress.phase_step)
+
+    def _new_collector(self) -> TrainCollector:
+        return TrainCollector(self.config, self.agent.actor_critic, self.replay,
+                              jax.random.fold_in(self.key, KEY_COLLECT), self._env_seed(0))
 
     def _env_seed(self, stream: int) -> int:
         """Distinct envpool seeds for the training envs (stream 0) and each evaluation (stream 1, 2, ...)."""
