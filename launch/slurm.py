@@ -167,5 +167,6 @@ def launch(args: argparse.Namespace, root: str, runs: Sequence[sweep.Run]) -> st
     jobs = submit(runs, sbatch_parameters(args, root), log_folder(root), args.max_timeouts, args.signal_delay_s)
     lines = [f"Submitted {len(jobs)} jobs (job name {job_name(root)}):"]
     lines += [f"  {job.job_id:<14}{run.name}" for run, job in zip(runs, jobs)]
-    lines.append(f"Logs: each run's output in <run>/{sweep.LOG_FILE}; submitit's in {os.path.dirname(log_folder(root))}")
+    lines.append(f"Logs: each run's output in <run>/{sweep.LOG_FILE}; submitit's in "
+                 f"{os.path.dirname(log_folder(root))}")
     return "\n".join(lines)

@@ -349,7 +349,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", required=True,
                    help="N for seeds 0 to N-1, or comma-separated seeds, e.g. 0,3,7 ('3,' for seed 3 alone).")
     p.add_argument("--root", default="runs/atari100k",
-                   help="Directory of the sweep; run <Game>-<seed> lives in <root>/<Game>-<seed> (default: %(default)s).")
+                   help="Directory of the sweep; run <Game>-<seed> lives in <root>/<Game>-<seed> "
+                        "(default: %(default)s).")
     p.add_argument("--preset", choices=["debug"],
                    help=f"Config preset added to game=<Game> in {CONFIG_FILE}: debug = tiny models and schedule.")
     p.add_argument("--config_override", action="append", default=[], metavar="KEY=VALUE",
