@@ -138,6 +138,23 @@ def test_killed_and_resumed_equals_uninterrupted(reference_run, tmp_path, stop_a
         chex.assert_trees_all_equal(a, b)
 
 
+class StopsDuringFinalEvaluation(loop.Trainer):
+    def _final_evaluation(self):
+        self.request_stop()
+        super()._final_evaluation()
+
+
+def test_a_stop_during_the_final_evaluation_resumes_before_it(reference_run, tmp_path):
+    workdir = str(tmp_path)
+    with pytest.raises(loop.Preempted, match="evaluation stopped after 0 of 2 episodes"):
+        StopsDuringFinalEvaluation(debug_config(), workdir).run()
+    assert not os.path.exists(os.path.join(workdir, "results.json"))
+    assert loop.Trainer(debug_config(), workdir).run() == reference_run[1]
+    with open(os.path.join(workdir, "evaluations.jsonl")) as f, \
+            open(os.path.join(reference_run[0], "evaluations.jsonl")) as g:
+        assert f.read() == g.read()
+
+
 def test_sigterm_saves_and_exits_with_the_resume_code(tmp_path):
     workdir = str(tmp_path / "run")
     command = [sys.executable, "-m", "diamond_jax.main", "--config=configs/atari100k.py:debug", f"--workdir={workdir}"]

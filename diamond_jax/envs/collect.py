@@ -162,11 +162,17 @@ class TrainCollector:
         self.num_steps = int(sd["num_steps"])
 
 
+class Interrupted(Exception):
+    """Test episodes abandoned because `should_stop` said so."""
+
+
 def collect_test_episodes(config: config_dict.ConfigDict, actor_critic: ActorCritic, ac_variables: Any,
                           num_episodes: int, key: jax.Array, env_seed: int,
-                          dataset: Optional[ReplayDataset] = None) -> Dict[str, List]:
+                          dataset: Optional[ReplayDataset] = None,
+                          should_stop: Callable[[], bool] = lambda: False) -> Dict[str, List]:
     """Plays num_episodes whole test episodes (no done on life loss, epsilon collection.test.epsilon) in fresh
-    envs; returns their returns and lengths, and adds them to `dataset` (one lane) if given.
+    envs; returns their returns and lengths, and adds them to `dataset` (one lane) if given. Raises
+    Interrupted as soon as should_stop() is true (checked every step: 100 long episodes can take an hour).
 
     With several envs, short episodes finish first: stopping at the first N to finish would favour them.
     Instead the episodes kept are the first N to start (env i starts episode i, then each env that finishes
@@ -188,6 +194,8 @@ def collect_test_episodes(config: config_dict.ConfigDict, actor_critic: ActorCri
     ep_return, ep_length = np.zeros(num_envs, np.float64), np.zeros(num_envs, np.int64)
     episodes: Dict[int, Tuple] = {}
     while any(x is None for x in returns):
+        if should_stop():
+            raise Interrupted(f"stopped after {sum(x is not None for x in returns)} of {num_episodes} episodes")
         key, key_step = jax.random.split(key)
         act, hx_cx = policy_step(ac_variables, obs, hx_cx, key_step, c.epsilon)
         act = np.asarray(act)

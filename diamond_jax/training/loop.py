@@ -27,7 +27,7 @@ from diamond_jax import imagination, scores
 from diamond_jax.agent import MODEL_NAMES, Agent
 from diamond_jax.data.replay import ReplayDataset
 from diamond_jax.envs import atari
-from diamond_jax.envs.collect import TrainCollector, collect_test_episodes, keep_collecting_initial
+from diamond_jax.envs.collect import Interrupted, TrainCollector, collect_test_episodes, keep_collecting_initial
 from diamond_jax.training import parallel, phases, steps
 from diamond_jax.training.agent_checkpoint import save_agent
 from diamond_jax.training.checkpoint import RunCheckpointer
@@ -229,6 +229,9 @@ class Trainer:
             self._train(p.phase)
             p.phase, p.phase_step = PHASES[PHASES.index(p.phase) + 1], 0
         else:
+            final = p.epoch == self.num_epochs
+            if final or p.epoch % self.config.evaluation.every == 0:
+                self.save()  # test episodes are long: a stop during them resumes from here
             if p.epoch % self.config.evaluation.every == 0:
                 self._evaluate()
             self._end_epoch()
@@ -326,9 +329,13 @@ class Trainer:
         p = self.progress
         p.num_evaluations += 1
         key = jax.random.fold_in(jax.random.fold_in(self.key, KEY_EVAL), p.num_evaluations)
-        return collect_test_episodes(self.config, self.agent.actor_critic,
-                                     self.state["models"]["actor_critic"].variables(), num_episodes, key,
-                                     self._env_seed(p.num_evaluations))
+        try:
+            return collect_test_episodes(self.config, self.agent.actor_critic,
+                                         self.state["models"]["actor_critic"].variables(), num_episodes, key,
+                                         self._env_seed(p.num_evaluations), should_stop=lambda: self._stop_requested)
+        except Interrupted as stop:
+            # The run was saved just before the evaluation, which starts over on resume.
+            raise Preempted(f"evaluation {stop}; checkpoint {self._save_index} resumes before it") from stop
 
     def _save_agent(self) -> None:
         variables = {name: self.state["models"][name].variables() for name in MODEL_NAMES}
@@ -355,8 +362,7 @@ class Trainer:
         record = {"epoch": p.epoch, "env_steps": self.replay.num_steps, "returns": result["returns"],
                   "lengths": result["lengths"], "mean_return": mean, "final": final}
         if self.is_writer:
-            with open(os.path.join(self.workdir, "evaluations.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
+            _append_evaluation(os.path.join(self.workdir, "evaluations.jsonl"), record)
         self.logger.scalars(self.replay.num_steps, {
             "test/return_mean": mean, "test/return_std": float(np.std(result["returns"])),
             "test/length_mean": float(np.mean(result["lengths"])),
@@ -387,6 +393,21 @@ class Trainer:
             with open(os.path.join(self.workdir, "results.json")) as f:
                 self._final_results = json.load(f)
         return self._final_results
+
+
+def _append_evaluation(path: str, record: Dict[str, Any]) -> None:
+    """Appends one evaluation, replacing a record of the same evaluation left by a run that was stopped and
+    resumed (it computed the same numbers)."""
+    lines = []
+    if os.path.exists(path):
+        with open(path) as f:
+            lines = [line for line in f if line.strip()]
+    key = (record["epoch"], record["final"])
+    lines = [line for line in lines if (json.loads(line)["epoch"], json.loads(line)["final"]) != key]
+    lines.append(json.dumps(record) + "\n")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(lines)
+    os.replace(path + ".tmp", path)
 
 
 def _collector_to_json(state: Dict[str, Any]) -> Dict[str, Any]:
