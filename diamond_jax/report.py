@@ -1,7 +1,7 @@
 """Results report: returns and human-normalised scores (HNS) of our runs next to DIAMOND's published ones.
 
   python -m diamond_jax.report runs/ --out=report/                 # every run directory below runs/
-  python -m diamond_jax.report runs/Pong_s0 runs/Pong_s1 --out=report/
+  python -m diamond_jax.report runs/atari100k/Pong-0 runs/atari100k/Pong-1 --out=report/
   python -m diamond_jax.report --published --out=report/           # DIAMOND's published returns alone
 
 Writes report.md (also printed), per_game.csv, aggregates.csv and PNG plots into --out. Aggregates follow
