@@ -3,7 +3,8 @@
 Pure functions, state in and state out, every array with a leading batch axis (one row per imagined
 environment), every random draw from an explicit key. A rollout is one `lax.scan` over the horizon around
 the sampler; the actor-critic's outputs are differentiable functions of its parameters, while the world
-model (denoiser and reward/end model) only feeds it frames, rewards and ends.
+model (denoiser and reward/end model) only feeds it frames, rewards and ends. Each step of it is a
+`world_model_step`, which also serves whoever else chooses the actions (a player in diamond_jax.play).
 
 As in the official `WorldModelEnv`, a row's episode lasts until the reward/end model samples an end or the
 row has been imagined for `horizon` steps (a truncation); the row then restarts from a fresh initial
