@@ -47,7 +47,7 @@ CONTROL_KEYS = (
     (("escape", "q"), "quit", "quit"),
 )
 COMMAND_OF_KEY = {key: command for keys, command, _ in CONTROL_KEYS for key in keys}
-HEADER_HEIGHT = 48  # two lines of text; a multiple of 16, so that a recording keeps the window's size
+HEADER_HEIGHT = 48  # two lines of text; even, as H.264 recordings need
 
 
 def describe_controls() -> str:
@@ -141,6 +141,7 @@ class Keyboard:
 
 
 def header_lines(session: PlaySession, names: Sequence[str]) -> List[str]:
+    """What the header says about the frame shown: env, control, step (and horizon), return; the last step."""
     log = session.log[-1]
     limit = "" if session.env is not session.world_model else (
         f"/{log.horizon}" if log.horizon else "  (no horizon)")
@@ -262,7 +263,8 @@ def play(args: argparse.Namespace, events: Optional[EventSource] = None) -> Dict
     if args.script and events is None:
         events = ScriptedEvents(parse_script(args.script))
     config, session = make_session(args.workdir, args.seed, args.horizon, args.human, args.init_actions)
-    print(describe_keys(config.game, config.env.full_action_space), flush=True)
+    print(describe_keys(config.game, config.env.full_action_space))
+    print("The first frames wait for the models to compile (seconds on a GPU, up to a minute on a CPU).", flush=True)
     summary = run_window(session, config.env.size, keymap(config.game, config.env.full_action_space),
                          action_names(config.game, config.env.full_action_space), args.size, args.fps, args.record,
                          args.max_steps, events)

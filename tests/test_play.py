@@ -44,7 +44,6 @@ def workdir(tmp_path_factory, debug_config, debug_agent):
 @pytest.fixture
 def headless(monkeypatch):
     monkeypatch.setenv("SDL_VIDEODRIVER", "dummy")
-    monkeypatch.setenv("SDL_AUDIODRIVER", "dummy")
 
 
 def test_key_map_table_matches_envpool_action_sets(debug_config):
