@@ -3,7 +3,8 @@
 Pure functions, state in and state out, every array with a leading batch axis (one row per imagined
 environment), every random draw from an explicit key. A rollout is one `lax.scan` over the horizon around
 the sampler; the actor-critic's outputs are differentiable functions of its parameters, while the world
-model (denoiser and reward/end model) only feeds it frames, rewards and ends.
+model (denoiser and reward/end model) only feeds it frames, rewards and ends. Each step of it is a
+`world_model_step`, which also serves whoever else chooses the actions (a player in diamond_jax.play).
 
 As in the official `WorldModelEnv`, a row's episode lasts until the reward/end model samples an end or the
 row has been imagined for `horizon` steps (a truncation); the row then restarts from a fresh initial
@@ -100,6 +101,37 @@ def _pick(tree, index: jax.Array):
     return jax.tree.map(lambda x: jax.vmap(lambda x_r, i: x_r[i])(x, index), tree)
 
 
+class WorldModelStep(NamedTuple):
+    next_obs: jax.Array  # [b, h, w, 3] the frame reached, in [-1, 1] on the 256-level grid
+    rew: jax.Array  # float32 [b] in {-1, 0, 1}, sampled from the reward/end model
+    end: jax.Array  # int32 [b], sampled from the reward/end model
+
+
+def world_model_step(agent: Agent, variables: AgentVariables, state: ImaginationState, act: jax.Array,
+                     ac_hx_cx: HxCx, key: jax.Array) -> Tuple[WorldModelStep, ImaginationState]:
+    """One imagined step of every row, whoever chose the actions act [b] taken at the current frames.
+
+    Returns the frames reached with their sampled rewards and ends, and the state continued from there
+    (never restarted: what an end or a horizon means is the caller's choice). ac_hx_cx is the actor-critic's
+    state after the current frame; the continued state carries it, since its frame is the next current one.
+    """
+    key_obs, key_rew, key_end = jax.random.split(key, 3)
+    act_buffer = state.act.at[:, -1].set(act)
+    next_obs = sample_next_obs(agent.denoiser, variables["denoiser"], key_obs, state.obs, act_buffer, agent.sampler)
+    logits_rew, logits_end, rew_end_hx_cx = agent.rew_end_model.predict_rew_end(
+        variables["rew_end_model"], state.obs[:, -1:], act[:, None], next_obs[:, None], state.rew_end_hx_cx)
+    rew = (jax.random.categorical(key_rew, logits_rew[:, 0]) - 1).astype(jnp.float32)
+    end = jax.random.categorical(key_end, logits_end[:, 0]).astype(jnp.int32)
+    continued = ImaginationState(
+        obs=jnp.concatenate([state.obs[:, 1:], next_obs[:, None]], axis=1),
+        act=jnp.roll(act_buffer, -1, axis=1),
+        rew_end_hx_cx=rew_end_hx_cx,
+        ac_hx_cx=ac_hx_cx,
+        ep_len=state.ep_len + 1,
+    )
+    return WorldModelStep(next_obs, rew, end), continued
+
+
 def rollout(agent: Agent, variables: AgentVariables, state: ImaginationState, pool: InitialConditions,
             key: jax.Array, horizon: int) -> Tuple[Trajectory, ImaginationState]:
     """Imagines `horizon` steps of every row, the actor-critic acting.
@@ -121,36 +153,23 @@ def rollout(agent: Agent, variables: AgentVariables, state: ImaginationState, po
 
     def step(carry, key_t):
         wm, ac_out, num_restarts = carry
-        key_act, key_obs, key_rew, key_end = jax.random.split(key_t, 4)
+        key_act, key_wm = jax.random.split(key_t)
         act = jax.random.categorical(key_act, ac_out.logits_act).astype(jnp.int32)
-        act_buffer = wm.act.at[:, -1].set(act)
-        next_obs = sample_next_obs(agent.denoiser, variables["denoiser"], key_obs, wm.obs, act_buffer, agent.sampler)
-        logits_rew, logits_end, rew_end_hx_cx = agent.rew_end_model.predict_rew_end(
-            variables["rew_end_model"], wm.obs[:, -1:], act[:, None], next_obs[:, None], wm.rew_end_hx_cx)
-        rew = (jax.random.categorical(key_rew, logits_rew[:, 0]) - 1).astype(jnp.float32)
-        end = jax.random.categorical(key_end, logits_end[:, 0]).astype(jnp.int32)
-        ep_len = wm.ep_len + 1
-        trunc = (ep_len >= horizon).astype(jnp.int32)
+        out, continued = world_model_step(agent, variables, wm, act, ac_out.hx_cx, key_wm)
+        trunc = (continued.ep_len >= horizon).astype(jnp.int32)
         # The actor-critic's next output, and the value of the frame reached: for a row that restarts, the
         # value of its final frame, as the official env loop computes it.
-        next_ac_out = ac.predict_act_value(ac_vars, next_obs, ac_out.hx_cx)
+        next_ac_out = ac.predict_act_value(ac_vars, out.next_obs, ac_out.hx_cx)
 
-        dead = (end + trunc) > 0
+        dead = (out.end + trunc) > 0
         point = _pick(points, num_restarts % k)
-        continued = ImaginationState(
-            obs=jnp.concatenate([wm.obs[:, 1:], next_obs[:, None]], axis=1),
-            act=jnp.roll(act_buffer, -1, axis=1),
-            rew_end_hx_cx=rew_end_hx_cx,
-            ac_hx_cx=ac_out.hx_cx,
-            ep_len=ep_len,
-        )
         restarted = ImaginationState(point.obs, point.act, point.rew_end_hx_cx, point.ac_hx_cx,
-                                     jnp.zeros_like(ep_len))
-        out = Trajectory(wm.obs[:, -1], act, rew, end, trunc, ac_out.logits_act, ac_out.val, next_ac_out.val,
-                         next_obs)
+                                     jnp.zeros_like(continued.ep_len))
+        traj_t = Trajectory(wm.obs[:, -1], act, out.rew, out.end, trunc, ac_out.logits_act, ac_out.val,
+                            next_ac_out.val, out.next_obs)
         carry = (_where_rows(dead, restarted, continued), _where_rows(dead, point.ac_out, next_ac_out),
                  num_restarts + dead)
-        return carry, out
+        return carry, traj_t
 
     carry = (state, ac_out, jnp.zeros(b, jnp.int32))
     (state, _, _), traj = jax.lax.scan(step, carry, jax.random.split(key, horizon))
