@@ -82,6 +82,29 @@ def initial_state(point: ResetPoint) -> ImaginationState:
                             jnp.zeros(point.act.shape[0], jnp.int32))
 
 
+class WorldModelOutput(NamedTuple):
+    next_obs: jax.Array  # [b, h, w, 3]
+    rew: jax.Array  # float32 [b] in {-1, 0, 1}
+    end: jax.Array  # int32 [b]
+    rew_end_hx_cx: HxCx
+
+
+def world_model_step(agent: Agent, variables: AgentVariables, obs: jax.Array, act: jax.Array, rew_end_hx_cx: HxCx,
+                     key: jax.Array) -> WorldModelOutput:
+    """One imagined step of every row, without restarts: the next frame from the sampler, then a reward and an
+    end sampled from the reward/end model (the official WorldModelEnv's predict_next_obs and predict_rew_end).
+
+    obs: [b, n, h, w, 3] the last n frames; act: [b, n] the actions taken at them, the last one just chosen.
+    """
+    key_obs, key_rew, key_end = jax.random.split(key, 3)
+    next_obs = sample_next_obs(agent.denoiser, variables["denoiser"], key_obs, obs, act, agent.sampler)
+    logits_rew, logits_end, rew_end_hx_cx = agent.rew_end_model.predict_rew_end(
+        variables["rew_end_model"], obs[:, -1:], act[:, -1:], next_obs[:, None], rew_end_hx_cx)
+    rew = (jax.random.categorical(key_rew, logits_rew[:, 0]) - 1).astype(jnp.float32)
+    end = jax.random.categorical(key_end, logits_end[:, 0]).astype(jnp.int32)
+    return WorldModelOutput(next_obs, rew, end, rew_end_hx_cx)
+
+
 def _where_rows(mask: jax.Array, a, b):
     """Row-wise select between two pytrees with a leading batch axis."""
     return jax.tree.map(lambda x, y: jnp.where(mask.reshape(mask.shape + (1,) * (x.ndim - 1)), x, y), a, b)
@@ -113,14 +136,11 @@ def rollout(agent: Agent, variables: AgentVariables, state: ImaginationState, po
 
     def step(carry, key_t):
         wm, ac_out, num_restarts = carry
-        key_act, key_obs, key_rew, key_end = jax.random.split(key_t, 4)
+        key_act, key_world = jax.random.split(key_t)
         act = jax.random.categorical(key_act, ac_out.logits_act).astype(jnp.int32)
         act_buffer = wm.act.at[:, -1].set(act)
-        next_obs = sample_next_obs(agent.denoiser, variables["denoiser"], key_obs, wm.obs, act_buffer, agent.sampler)
-        logits_rew, logits_end, rew_end_hx_cx = agent.rew_end_model.predict_rew_end(
-            variables["rew_end_model"], wm.obs[:, -1:], act[:, None], next_obs[:, None], wm.rew_end_hx_cx)
-        rew = (jax.random.categorical(key_rew, logits_rew[:, 0]) - 1).astype(jnp.float32)
-        end = jax.random.categorical(key_end, logits_end[:, 0]).astype(jnp.int32)
+        next_obs, rew, end, rew_end_hx_cx = world_model_step(agent, variables, wm.obs, act_buffer, wm.rew_end_hx_cx,
+                                                             key_world)
         ep_len = wm.ep_len + 1
         trunc = (ep_len >= horizon).astype(jnp.int32)
         # The actor-critic's next output, and the value of the frame reached: for a row that restarts, the
