@@ -143,6 +143,11 @@ def build_meta(mesh, game_actions: int, warmup: int, repeats: int, peak: Any, pe
         "repeats": repeats,
         "peak_tflops_per_device": peak,
         "peak_source": peak_source,
+        "timing_method": "compile_s: jitted.trace(...).lower().compile(), once, before any call; then `warmup` "
+                         "untimed and `repeats` timed calls of that compiled executable, each ended by "
+                         "jax.block_until_ready on all its outputs, the donated state passed on from call to call; "
+                         "collection and sampling: one rate per repeat from their own benchmark functions, as a time "
+                         "per agent step and per batch",
         "flops_method": "flops_per_call: matrix products and convolutions (2 per multiply-add) counted on the "
                         "program's jaxpr, scan bodies times their length, over the whole batch; "
                         "xla_cost_analysis_flops: compiled.cost_analysis()['flops'] per device, which counts a "
@@ -216,6 +221,8 @@ def main(argv: List[str]) -> None:
             comparison = report.compare_with_reference(results, meta["device_name"], params, json.load(f),
                                                        _MATMUL_PRECISION.value)
         out["reference"] = dict(comparison, path=os.path.abspath(_REFERENCE.value))
+        print(f"reference {_REFERENCE.value}: device {comparison['device_name']!r}, ours {meta['device_name']!r}: "
+              + ("compared" if comparison["comparable"] else "not compared"), flush=True)
         for line in report.warnings(comparison):
             print(f"WARNING: {line}", flush=True)
     out["config"] = config.to_dict()
