@@ -12,8 +12,8 @@ import pytest
 
 from configs import atari100k
 from diamond_jax.agent import MODEL_NAMES
-from diamond_jax.benchmarking import device, flops, report
-from diamond_jax.training import steps
+from diamond_jax.benchmarking import device, flops, items, report, timing
+from diamond_jax.training import parallel, steps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ITEM_FIELDS = {"what", "reference_item", "reference_note", "batch_size", "median_ms", "min_ms", "max_ms", "times_ms",
@@ -104,6 +104,16 @@ def test_projection_needs_every_item_of_the_run(run):
     assert projection["total_hours"] is None
     assert projection["missing_items"] == ["actor_critic_update", "collection", "denoiser_train_step_seq6"]
     assert projection["phases"]["rew_end_model_updates"]["hours"] > 0
+
+
+def test_donated_state_on_one_device(debug_config, debug_agent):
+    """On one device placing an array does not copy it, so a donated state must not hold one buffer twice (the
+    reward/end model's initial LSTM state is one array of zeros for both h and c)."""
+    agent, variables = debug_agent
+    setup = items.Setup(debug_config, agent, variables, parallel.make_mesh(1), jax.random.key(0), 1, 1)
+    measured = timing.measure_program(items.imagination_step(setup).program, warmup=1, repeats=1)
+    assert measured["repeats"] == 1 and measured["flops_per_call"] > 0
+    assert all(not leaf.is_deleted() for leaf in jax.tree.leaves(variables))
 
 
 def test_no_ratio_across_devices_or_model_sizes():

@@ -59,6 +59,12 @@ def _sharded(setup: Setup, tree: Any) -> Any:
     return jax.device_put(tree, parallel.data_sharded(setup.mesh))
 
 
+def _distinct(tree: Any) -> Any:
+    """A copy whose leaves are distinct buffers, as a donated argument needs (an initial LSTM state is one
+    array of zeros twice)."""
+    return jax.tree.map(jnp.copy, tree)
+
+
 def _batch_size(setup: Setup, model: str) -> int:
     """The training batch size of a model's config section, checked against the mesh."""
     batch_size = setup.config[model].training.batch_size
@@ -91,7 +97,7 @@ def random_initial_conditions(key: jax.Array, batch_size: int, per_row: int, set
 def _train_step(setup: Setup, name: str, loss_fn, batch: Any) -> Program:
     optimizer = steps.optimizer_from_config(setup.config[name])
     # A copy: the update donates its state, which would otherwise free the setup's variables.
-    state = steps.TrainState.create(jax.tree.map(jnp.copy, setup.variables[name]), optimizer)
+    state = _distinct(steps.TrainState.create(setup.variables[name], optimizer))
     update = steps.jit_update(steps.make_update(loss_fn, optimizer), setup.mesh)
     args = (_replicated(setup, state), _sharded(setup, batch), _replicated(setup, jax.random.fold_in(setup.key, 1)))
     return Program(update, args, next_state)
@@ -174,7 +180,7 @@ def imagination_step(setup: Setup) -> Item:
     rep, data = parallel.replicated(setup.mesh), parallel.data_sharded(setup.mesh)
     jitted = jax.jit(functools.partial(imagine, agent), in_shardings=(rep, data, data, rep),
                      out_shardings=(data, data, data), donate_argnums=(1,))
-    args = (_replicated(setup, _world_model(setup)), _sharded(setup, carry),
+    args = (_replicated(setup, _world_model(setup)), _sharded(setup, _distinct(carry)),
             _sharded(setup, jax.random.randint(keys[2], (b,), 0, agent.num_actions)), _replicated(setup, setup.key))
     return Item(f"one imagined step: sampler ({agent.sampler.num_steps_denoising} denoising steps, order "
                 f"{agent.sampler.order}) + reward/end model step (LSTM state carried) + reward/end sampling, "
@@ -199,7 +205,7 @@ def imagination_rollout(setup: Setup) -> Item:
     rep, data = parallel.replicated(setup.mesh), parallel.data_sharded(setup.mesh)
     jitted = jax.jit(functools.partial(imagination.rollout, setup.agent, horizon=horizon),
                      in_shardings=(rep, data, data, rep), out_shardings=(data, data), donate_argnums=(1,))
-    args = (_replicated(setup, setup.variables), _sharded(setup, state), _sharded(setup, pool),
+    args = (_replicated(setup, setup.variables), _sharded(setup, _distinct(state)), _sharded(setup, pool),
             _replicated(setup, setup.key))
     return Item(f"imagination.rollout: burn-in of {b} fresh initial conditions, then {horizon} x [actor-critic step "
                 f"+ action sampling + imagined step + restarts], batch {b}, no gradient", "imagination_rollout", b,
@@ -217,7 +223,7 @@ def actor_critic_update(setup: Setup) -> Item:
     rep, data = parallel.replicated(setup.mesh), parallel.data_sharded(setup.mesh)
     inputs_sharding = ActorCriticInputs(state=data, pool=data, world_model=rep)
     jitted = steps.jit_update(update, setup.mesh, batch_sharding=inputs_sharding, has_output=True)
-    train_state = steps.TrainState.create(jax.tree.map(jnp.copy, setup.variables["actor_critic"]), optimizer)
+    train_state = _distinct(steps.TrainState.create(setup.variables["actor_critic"], optimizer))
     args = (_replicated(setup, train_state),
             jax.device_put(ActorCriticInputs(state, pool, _world_model(setup)), inputs_sharding),
             _replicated(setup, setup.key))
