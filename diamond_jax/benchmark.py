@@ -223,7 +223,7 @@ def main(argv: List[str]) -> None:
         out["reference"] = dict(comparison, path=os.path.abspath(_REFERENCE.value))
         print(f"reference {_REFERENCE.value}: device {comparison['device_name']!r}, ours {meta['device_name']!r}: "
               + ("compared" if comparison["comparable"] else "not compared"), flush=True)
-        for line in report.warnings(comparison):
+        for line in report.comparison_warnings(comparison):
             print(f"WARNING: {line}", flush=True)
     out["config"] = config.to_dict()
     meta["total_wall_s"] = time.perf_counter() - start

@@ -69,7 +69,8 @@ def test_json_has_every_field_of_every_item(run):
     inner = out["results"]["inner_model_forward"]
     assert inner["batch_size"] == 32
     assert inner["throughput_per_s"] == pytest.approx(32 / (inner["median_ms"] / 1e3))
-    rew_end, seq_length = out["results"]["rew_end_train_step"], atari100k.get_config("debug").rew_end_model.training.seq_length
+    rew_end = out["results"]["rew_end_train_step"]
+    seq_length = atari100k.get_config("debug").rew_end_model.training.seq_length
     assert rew_end["throughput_per_s"] == pytest.approx(4 * (seq_length - 1) / (rew_end["median_ms"] / 1e3))
     assert out["results"]["sampling"]["compile_s"] is None and out["results"]["sampling"]["flops_per_call"] is None
 
@@ -130,7 +131,7 @@ def test_no_ratio_across_devices_or_model_sizes():
     assert any("devices differ" in r for r in comparison["reasons"])
     assert any("model sizes differ" in r for r in comparison["reasons"])
     assert comparison["items"]["inner_model_forward"]["time_ratio"] is None
-    assert report.warnings(comparison)
+    assert report.comparison_warnings(comparison)
 
     same = report.compare_with_reference(results, "NVIDIA H100 80GB HBM3", params, dict(reference, params=params),
                                          "highest")

@@ -192,7 +192,8 @@ def results_table(results: Dict[str, Dict[str, Any]], comparison: Optional[Dict[
             f"{name:27s} {_fmt(r['median_ms'], 10, 3)} {_fmt(r['min_ms'], 10, 3)} {r['repeats']:3d}  "
             f"{throughput:32s} {_fmt(r['compile_s'], 9, 1)} {_fmt(None if flops is None else flops / 1e9, 10, 2)} "
             f"{_fmt(r['achieved_tflops'], 8, 3)} {_fmt(None if fraction is None else 100 * fraction, 6, 1)} "
-            f"{_fmt(r['peak_mib'], 8, 0)} {_fmt(c.get('reference_median_ms'), 10, 3)} {_fmt(c.get('time_ratio'), 8, 3)}")
+            f"{_fmt(r['peak_mib'], 8, 0)} {_fmt(c.get('reference_median_ms'), 10, 3)} "
+            f"{_fmt(c.get('time_ratio'), 8, 3)}")
     return "\n".join(lines)
 
 
@@ -209,6 +210,6 @@ def projection_table(projection: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def warnings(comparison: Dict[str, Any]) -> Sequence[str]:
+def comparison_warnings(comparison: Dict[str, Any]) -> Sequence[str]:
     out = [f"reference not compared: {r}" for r in comparison["reasons"]]
     return out + [f"note: {n}" for n in comparison["notes"]]
