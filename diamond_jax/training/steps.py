@@ -80,11 +80,19 @@ def make_update(loss_fn: LossFn, optimizer: optax.GradientTransformation, has_ou
     return update
 
 
-def jit_update(update, mesh: Mesh):
+def jit_update(update, mesh: Mesh, batch_sharding: Any = None, has_output: bool = False):
     """Jits update(state, batch, key) for the mesh: the batch is split over the devices, the state is
-    replicated, and XLA all-reduces the gradients. The same program runs on one device or many."""
+    replicated, and XLA all-reduces the gradients. The same program runs on one device or many.
+
+    batch_sharding: a sharding or a pytree prefix of the batch, for batches that hold replicated parts (the
+    actor-critic's inputs carry the frozen world model); default: all of it split over the devices.
+    has_output: for updates made with make_update(..., has_output=True); the output is split over the devices.
+    """
     rep, data = parallel.replicated(mesh), parallel.data_sharded(mesh)
-    return jax.jit(update, in_shardings=(rep, data, rep), out_shardings=(rep, rep), donate_argnums=(0,))
+    batch_sharding = data if batch_sharding is None else batch_sharding
+    out_shardings = (rep, rep, data) if has_output else (rep, rep)
+    return jax.jit(update, in_shardings=(rep, batch_sharding, rep), out_shardings=out_shardings,
+                   donate_argnums=(0,))
 
 
 def count_params(params: Any) -> int:
