@@ -2,8 +2,9 @@
 
 Pure functions, state in and state out, every array with a leading batch axis (one row per imagined
 environment), every random draw from an explicit key. A rollout is one `lax.scan` over the horizon around
-the sampler; the actor-critic's outputs are differentiable functions of its parameters, while the world
-model (denoiser and reward/end model) only feeds it frames, rewards and ends. Each step of it is a
+the sampler. The world model (denoiser and reward/end model) only feeds the actor-critic frames, rewards
+and ends; for the actor-critic's update its outputs along the rollout are recomputed as differentiable
+functions of its parameters (`replay_actor_critic`). Each step of it is a
 `world_model_step`, which also serves whoever else chooses the actions (a player in diamond_jax.play).
 
 As in the official `WorldModelEnv`, a row's episode lasts until the reward/end model samples an end or the
@@ -60,6 +61,17 @@ class Trajectory(NamedTuple):
     val: jax.Array  # [b, T]
     val_bootstrap: jax.Array  # [b, T] value of the frame reached (the final frame where the row restarted)
     next_obs: jax.Array  # [b, T, h, w, 3] the frame reached by the step
+    restart: jax.Array  # int32 [b, T] the pool entry the row restarted from after the step, -1 if it went on
+
+
+def burn_in_actor_critic(agent: Agent, ac_variables, init: InitialConditions) -> Tuple[HxCx, ActorCriticOutput]:
+    """The actor-critic's state before the last frame of initial conditions, and its output at that frame,
+    from zero states."""
+    b, n = init.act.shape
+    ac = agent.actor_critic
+    zeros = ac.initial_state(b)
+    ac_hx_cx = ac.burn_in(ac_variables, init.obs[:, :-1], zeros).hx_cx if n > 1 else zeros
+    return ac_hx_cx, ac.predict_act_value(ac_variables, init.obs[:, -1], ac_hx_cx)
 
 
 def burn_in(agent: Agent, variables: AgentVariables, init: InitialConditions) -> ResetPoint:
@@ -69,12 +81,8 @@ def burn_in(agent: Agent, variables: AgentVariables, init: InitialConditions) ->
     chex.assert_shape(init.obs, (b, n, agent.size, agent.size, 3))
     *_, rew_end_hx_cx = agent.rew_end_model.predict_rew_end(
         variables["rew_end_model"], init.obs[:, :-1], init.act[:, :-1], init.obs[:, 1:])
-    rew_end_hx_cx = jax.lax.stop_gradient(rew_end_hx_cx)
-    ac = agent.actor_critic
-    zeros = ac.initial_state(b)
-    ac_hx_cx = ac.burn_in(variables["actor_critic"], init.obs[:, :-1], zeros).hx_cx if n > 1 else zeros
-    ac_out = ac.predict_act_value(variables["actor_critic"], init.obs[:, -1], ac_hx_cx)
-    return ResetPoint(init.obs, init.act, rew_end_hx_cx, ac_hx_cx, ac_out)
+    ac_hx_cx, ac_out = burn_in_actor_critic(agent, variables["actor_critic"], init)
+    return ResetPoint(init.obs, init.act, jax.lax.stop_gradient(rew_end_hx_cx), ac_hx_cx, ac_out)
 
 
 def initial_state(point: ResetPoint) -> ImaginationState:
@@ -166,7 +174,7 @@ def rollout(agent: Agent, variables: AgentVariables, state: ImaginationState, po
         restarted = ImaginationState(point.obs, point.act, point.rew_end_hx_cx, point.ac_hx_cx,
                                      jnp.zeros_like(continued.ep_len))
         traj_t = Trajectory(wm.obs[:, -1], act, out.rew, out.end, trunc, ac_out.logits_act, ac_out.val,
-                            next_ac_out.val, out.next_obs)
+                            next_ac_out.val, out.next_obs, jnp.where(dead, num_restarts % k, -1))
         carry = (_where_rows(dead, restarted, continued), _where_rows(dead, point.ac_out, next_ac_out),
                  num_restarts + dead)
         return carry, traj_t
@@ -184,14 +192,45 @@ class ActorCriticInputs(NamedTuple):
     world_model: AgentVariables  # {"denoiser": ..., "rew_end_model": ...}, frozen
 
 
+def replay_actor_critic(agent: Agent, ac_variables, state: ImaginationState, pool: InitialConditions,
+                        traj: Trajectory) -> Tuple[jax.Array, jax.Array]:
+    """The actor-critic's logits [b, T, A] and values [b, T] along a rollout, recomputed from its frames and
+    restarts as differentiable functions of the actor-critic's variables: the same numbers the rollout
+    computed, with the same dependence on the parameters (through the LSTM state and the burn-ins)."""
+    b, k = pool.act.shape[:2]
+    ac = agent.actor_critic
+    flat_pool = jax.tree.map(lambda x: x.reshape((b * k,) + x.shape[2:]), pool)
+    _, point_out = burn_in_actor_critic(agent, ac_variables, flat_pool)
+    point_out = jax.tree.map(lambda x: x.reshape((b, k) + x.shape[1:]), point_out)
+    out = ac.predict_act_value(ac_variables, state.obs[:, -1], jax.lax.stop_gradient(state.ac_hx_cx))
+    logits, val = [], []
+    # A Python loop over the horizon: only the small actor-critic runs here, and XLA's CPU backend
+    # differentiates convolutions inside loops 10-40x slower.
+    for t in range(traj.act.shape[1]):
+        logits.append(out.logits_act)
+        val.append(out.val)
+        if t + 1 < traj.act.shape[1]:
+            next_out = ac.predict_act_value(ac_variables, traj.next_obs[:, t], out.hx_cx)
+            restarted = traj.restart[:, t] >= 0
+            out = _where_rows(restarted, _pick(point_out, jnp.maximum(traj.restart[:, t], 0)), next_out)
+    return jnp.stack(logits, axis=1), jnp.stack(val, axis=1)
+
+
 def make_actor_critic_loss(agent: Agent, horizon: int):
     """loss_fn(params, buffers, inputs, key) -> (loss, (metrics, next ImaginationState)): the official
-    actor-critic loss on one rollout, differentiable in the actor-critic's parameters only."""
+    actor-critic loss on one rollout, differentiable in the actor-critic's parameters only.
+
+    The rollout itself runs without gradients; the actor-critic's outputs are then recomputed along it as
+    differentiable functions of its parameters (`replay_actor_critic`), so the backward pass holds only the
+    actor-critic, never the world model, and needs no loop over the horizon.
+    """
 
     def loss_fn(params, buffers, inputs: ActorCriticInputs, key: jax.Array):
-        variables = dict(inputs.world_model, actor_critic={"params": params, "buffers": buffers})
+        ac_variables = {"params": params, "buffers": buffers}
+        variables = dict(inputs.world_model, actor_critic=jax.lax.stop_gradient(ac_variables))
         traj, state = rollout(agent, variables, inputs.state, inputs.pool, key, horizon)
-        loss, metrics = agent.actor_critic.loss(traj.logits_act, traj.val, traj.act, traj.rew, traj.end, traj.trunc,
+        logits_act, val = replay_actor_critic(agent, ac_variables, inputs.state, inputs.pool, traj)
+        loss, metrics = agent.actor_critic.loss(logits_act, val, traj.act, traj.rew, traj.end, traj.trunc,
                                                 traj.val_bootstrap)
         metrics = dict(metrics, imagined_rew_mean=jnp.mean(traj.rew), imagined_end_rate=jnp.mean(traj.end))
         return loss, (metrics, state)

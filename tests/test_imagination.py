@@ -143,3 +143,32 @@ def test_actor_critic_update_through_imagination(world, debug_config):
     # Same key and inputs: the same imagined state as a plain rollout with the old parameters.
     _, expected_state = rollout(variables, state, inputs.pool, jax.random.key(8))
     chex.assert_trees_all_close(next_state, expected_state, atol=1e-5)
+
+
+def test_the_replayed_loss_and_gradient_equal_differentiating_the_rollout(world):
+    """The update's loss (a gradient-free rollout, then the actor-critic recomputed along it) has the value and
+    the gradient of the direct formulation, the actor-critic's parameters live inside the rollout."""
+    agent, variables, state, _ = world
+    ac = variables["actor_critic"]
+    # Non-zero heads, so that the policy and values (and their gradients) are not trivially zero.
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: x + 0.3 * jax.random.normal(jax.random.key(len(str(p))), x.shape) if "linear" in str(p) else x,
+        ac["params"])
+    pool = make_pool(jax.random.key(11))
+    world_model = {k: variables[k] for k in ("denoiser", "rew_end_model")}
+    inputs = ActorCriticInputs(state, pool, world_model)
+    key = jax.random.key(12)
+    loss_fn = imagination.make_actor_critic_loss(agent, HORIZON)
+
+    def direct(params):
+        traj, _ = imagination.rollout(agent, dict(world_model, actor_critic={"params": params, "buffers": {}}),
+                                      state, pool, key, HORIZON)
+        assert traj.restart.shape == (B, HORIZON)
+        return agent.actor_critic.loss(traj.logits_act, traj.val, traj.act, traj.rew, traj.end, traj.trunc,
+                                       traj.val_bootstrap)[0], traj
+
+    (loss, traj), grads = jax.jit(jax.value_and_grad(direct, has_aux=True))(params)
+    assert int(jnp.sum(traj.restart >= 0)) > 0  # the comparison covers restarts
+    (replayed, _), replayed_grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params, {}, inputs, key)
+    np.testing.assert_allclose(replayed, loss, rtol=1e-5)
+    chex.assert_trees_all_close(replayed_grads, grads, atol=1e-6, rtol=1e-4)

@@ -80,13 +80,12 @@ class ActorCritic:
         return self.net.apply(variables, obs, hx_cx)
 
     def burn_in(self, variables: Dict[str, Any], obs: jax.Array, hx_cx: HxCx) -> ActorCriticOutput:
-        """Runs the LSTM over frames obs [b, t, h, w, 3]; returns the output at the last frame."""
-        def step(hx_cx, o):
-            out = self.predict_act_value(variables, o, hx_cx)
-            return out.hx_cx, out
-
-        _, outs = jax.lax.scan(step, hx_cx, obs.swapaxes(0, 1))
-        return jax.tree.map(lambda x: x[-1], outs)
+        """Runs the LSTM over frames obs [b, t, h, w, 3] (t is small); returns the output at the last frame."""
+        # A Python loop, not a scan: XLA's CPU backend differentiates convolutions inside loops 10-40x slower.
+        for t in range(obs.shape[1]):
+            out = self.predict_act_value(variables, obs[:, t], hx_cx)
+            hx_cx = out.hx_cx
+        return out
 
     def loss(self, logits_act: jax.Array, val: jax.Array, act: jax.Array, rew: jax.Array, end: jax.Array,
              trunc: jax.Array, val_bootstrap: jax.Array) -> Tuple[jax.Array, Dict[str, jax.Array]]:
