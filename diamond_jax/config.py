@@ -19,6 +19,13 @@ class Presets:
     debug: bool = False
 
 
+CPU_DEVICES_HELP = (
+    "CPU only: split the CPU into this many JAX devices, batches running data-parallel over them. XLA's CPU "
+    "backend runs each convolution on one core, so on a 2-core machine 2 devices make the paper-size denoiser "
+    "update about 1.8x faster. Results depend on the device count (the order of float sums), so the default "
+    "is 1.")
+
+
 def parse_presets(arg: str) -> Presets:
     """Parses the text after ':' in `--config=configs/atari100k.py:game=Pong,debug`."""
     game, debug = None, False

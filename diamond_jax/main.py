@@ -14,6 +14,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from diamond_jax.config import CPU_DEVICES_HELP
+
 EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: try again later
 EXIT_BAD_INPUT = 2
 
@@ -25,6 +27,7 @@ _WORKDIR = flags.DEFINE_string(
     "results.json. A directory that holds a run is resumed.")
 _PLATFORM = flags.DEFINE_enum(
     "platform", None, ["cpu", "cuda", "rocm", "tpu"], "Platform for JAX (default: the best one available).")
+_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 1, CPU_DEVICES_HELP, lower_bound=1)
 
 
 def _initialize_distributed() -> None:
@@ -69,8 +72,10 @@ def main(argv) -> None:
         os.environ["JAX_PLATFORMS"] = _PLATFORM.value
     # Imported here so that the platform choice above is made before JAX starts.
     from diamond_jax import config as config_lib
+    from diamond_jax.training import parallel
     from diamond_jax.training.loop import NonFiniteLoss, Preempted, Trainer
 
+    parallel.use_cpu_devices(_CPU_DEVICES.value)
     _initialize_distributed()
     config = _CONFIG.value
     try:

@@ -42,11 +42,11 @@ def run(tmp_path_factory, debug_agent):
     }
     ref_path, out_path = tmp / "ref.json", tmp / "bench.json"
     ref_path.write_text(json.dumps(reference))
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               PYTHONPATH=REPO)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
     cmd = [sys.executable, "-m", "diamond_jax.benchmark", f"--config={REPO}/configs/atari100k.py:debug",
            "--config.denoiser.training.batch_size=32", "--only=inner_model_forward,rew_end_train_step,sampling",
-           "--repeats=2", "--warmup=1", "--sampling_batches=2", f"--reference={ref_path}", f"--json={out_path}"]
+           "--repeats=2", "--warmup=1", "--cpu_devices=2", "--sampling_batches=2", f"--reference={ref_path}",
+           f"--json={out_path}"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out_path.read_text()), proc.stdout, params

@@ -23,6 +23,7 @@ def run_main(*args, timeout=120):
     (["--config=configs/atari100k.py", "--config.world_model_env.sampler.sigma_min=9", "--workdir=W"],
      "sigma_min=9.0: must be < sigma_max"),
     (["--config=configs/atari100k.py"], "--workdir must have a value"),
+    (["--config=configs/atari100k.py:debug", "--workdir=W", "--cpu_devices=0"], "--cpu_devices=0: 0 is not a positive"),
     (["--config=configs/atari100k.py:debug", "--workdir=/proc/diamond"], "is not writable"),
 ])
 def test_bad_input_exits_2_with_a_clear_message(tmp_path, args, message):

@@ -157,7 +157,8 @@ def test_a_stop_during_the_final_evaluation_resumes_before_it(reference_run, tmp
 
 def test_sigterm_saves_and_exits_with_the_resume_code(tmp_path):
     workdir = str(tmp_path / "run")
-    command = [sys.executable, "-m", "diamond_jax.main", "--config=configs/atari100k.py:debug", f"--workdir={workdir}"]
+    command = [sys.executable, "-m", "diamond_jax.main", "--config=configs/atari100k.py:debug", f"--workdir={workdir}",
+               "--cpu_devices=2"]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while not glob.glob(os.path.join(workdir, "checkpoints", "1")) and time.time() < deadline:
@@ -167,6 +168,7 @@ def test_sigterm_saves_and_exits_with_the_resume_code(tmp_path):
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 75, output
     assert "Pre-empted" in output
+    assert "on 2 cpu device(s)" in output
     assert not os.path.exists(os.path.join(workdir, "results.json"))
     assert len(os.listdir(os.path.join(workdir, "checkpoints"))) >= 2
     finished = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)

@@ -151,7 +151,8 @@ class Trainer:
             self.progress = Progress()
             self.replay = ReplayDataset.from_config(self.config, sharding=self.rep)
             self.collector = self._new_collector()
-            logging.info("Starting a new run in %s", self.workdir)
+            logging.info("Starting a new run in %s on %d %s device(s)", self.workdir, self.mesh.size,
+                         self.mesh.devices.flat[0].platform)
             return
         index, self.state, meta = restored
         # Numbers after an unreadable newer checkpoint, which stays where it is for inspection.
