@@ -236,7 +236,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=512,
                         help="game view in pixels, rounded down to a whole multiple of the frame size, at least the "
                              "frame size (default 512)")
-    parser.add_argument("--record", default=None, help="save every displayed frame (the window: header and game view) to PATH.mp4 or PATH.gif")
+    parser.add_argument("--record", default=None,
+                        help="save every displayed frame (the window: header and game view) to PATH.mp4 or PATH.gif")
     parser.add_argument("--max_steps", type=int, default=0, help="stop after this many frames (default 0: until quit)")
     parser.add_argument("--script", default="",
                         help="scripted keys, 'FRAME:KEY,...' (tap), 'FRAME:+KEY' (hold), 'FRAME:-KEY' (release)")

@@ -167,7 +167,8 @@ def imagination_step(setup: Setup) -> Item:
     b, n, size = _batch_size(setup, "actor_critic"), agent.denoiser.num_steps_conditioning, agent.size
     keys = jax.random.split(setup.key, 3)
     carry = imagination.zero_state(agent, b)._replace(
-        obs=random_frames(keys[0], (b, n, size, size, 3)), act=jax.random.randint(keys[1], (b, n), 0, agent.num_actions))
+        obs=random_frames(keys[0], (b, n, size, size, 3)),
+        act=jax.random.randint(keys[1], (b, n), 0, agent.num_actions))
     rep, data = parallel.replicated(setup.mesh), parallel.data_sharded(setup.mesh)
     jitted = jax.jit(functools.partial(imagine, agent), in_shardings=(rep, data, data, rep),
                      out_shardings=(data, data, data), donate_argnums=(1,))

@@ -69,7 +69,10 @@ class ActorCritic:
         return ActorCriticNet(self.num_actions, self.lstm_dim, self.channels, self.down)
 
     def init(self, key: jax.Array, size: int) -> Dict[str, Any]:
-        return jax.jit(lambda key: dict(self.net.init(init_key(key), jnp.zeros((1, size, size, 3)), self.initial_state(1))))(key)
+        def init(key):
+            return dict(self.net.init(init_key(key), jnp.zeros((1, size, size, 3)), self.initial_state(1)))
+
+        return jax.jit(init)(key)
 
     def initial_state(self, batch_size: int) -> HxCx:
         zeros = jnp.zeros((batch_size, self.lstm_dim))

@@ -241,7 +241,8 @@ class LSTMCell(nn.Module):
     hidden: int
 
     @nn.compact
-    def __call__(self, hx_cx: Tuple[jax.Array, jax.Array], x: jax.Array) -> Tuple[Tuple[jax.Array, jax.Array], jax.Array]:
+    def __call__(self, hx_cx: Tuple[jax.Array, jax.Array],
+                 x: jax.Array) -> Tuple[Tuple[jax.Array, jax.Array], jax.Array]:
         hx, cx = hx_cx
         h = self.hidden
 
