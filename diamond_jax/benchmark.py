@@ -47,10 +47,10 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from diamond_jax.agent import MODEL_NAMES, Agent
-from diamond_jax.config import CPU_DEVICES_HELP
 from diamond_jax.benchmarking import device as device_lib
 from diamond_jax.benchmarking import report, timing
 from diamond_jax.benchmarking.items import ITEMS, Setup
+from diamond_jax.config import CPU_DEVICES_HELP
 from diamond_jax.envs.atari import num_actions
 from diamond_jax.training import parallel, steps
 
@@ -79,7 +79,7 @@ _REFERENCE = flags.DEFINE_string(
 _PEAK_TFLOPS = flags.DEFINE_float(
     "peak_tflops", None, "Peak TFLOP/s of one device, for the fraction of peak (default: from a table by device "
     "kind and --matmul_precision, e.g. 494.7 TF32 for an H100 SXM; none for CPUs).", lower_bound=0)
-_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 1, CPU_DEVICES_HELP, lower_bound=1)
+_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", None, CPU_DEVICES_HELP, lower_bound=1)
 _NUM_DEVICES = flags.DEFINE_integer("num_devices", None, "Devices in the mesh, batches split over them (default: "
                                     "config.num_devices, where 0 means all).", lower_bound=0)
 _EVAL_EPISODE_STEPS = flags.DEFINE_integer(

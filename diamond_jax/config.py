@@ -23,7 +23,8 @@ CPU_DEVICES_HELP = (
     "CPU only: split the CPU into this many JAX devices, batches running data-parallel over them. XLA's CPU "
     "backend runs each convolution on one core, so on a 2-core machine 2 devices make the paper-size denoiser "
     "updates and imagination 1.5-2.2x faster. Results depend on the device count (the order of float sums), so "
-    "the default is 1.")
+    "by default JAX's own setting is kept: one device, unless XLA_FLAGS sets "
+    "--xla_force_host_platform_device_count.")
 
 
 def parse_presets(arg: str) -> Presets:

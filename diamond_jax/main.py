@@ -27,7 +27,7 @@ _WORKDIR = flags.DEFINE_string(
     "results.json. A directory that holds a run is resumed.")
 _PLATFORM = flags.DEFINE_enum(
     "platform", None, ["cpu", "cuda", "rocm", "tpu"], "Platform for JAX (default: the best one available).")
-_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 1, CPU_DEVICES_HELP, lower_bound=1)
+_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", None, CPU_DEVICES_HELP, lower_bound=1)
 
 
 def _initialize_distributed() -> None:

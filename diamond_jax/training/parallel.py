@@ -9,11 +9,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 DATA_AXIS = "data"
 
 
-def use_cpu_devices(count: int) -> None:
-    """Splits the host CPU into `count` JAX devices; call before JAX first lists its devices."""
-    if count < 1:
-        raise ValueError(f"--cpu_devices={count}: must be at least 1.")
-    jax.config.update("jax_num_cpu_devices", count)
+def use_cpu_devices(count: Optional[int]) -> None:
+    """Splits the host CPU into `count` JAX devices (None: JAX's own setting); call before JAX first lists
+    its devices."""
+    if count is not None:
+        if count < 1:
+            raise ValueError(f"--cpu_devices={count}: must be at least 1.")
+        jax.config.update("jax_num_cpu_devices", count)
 
 
 def make_mesh(num_devices: int = 0, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
