@@ -8,8 +8,12 @@ EXTRAS = {
     # Cluster sweeps (launch/) and the results report (python -m diamond_jax.report).
     # rliable pins arch<8, and every arch<8 fails to import under pandas>=3.
     "sweep": ["submitit>=1.5", "rliable>=1.2", "pandas<3", "matplotlib>=3.7"],
+    # JAX-native environments: bsuite's Catch and MinAtar (configs/minatar.py). gymnax imports six without
+    # declaring it.
+    "gymnax": ["gymnax>=1.0", "six"],
 }
-EXTRAS["test"] = sorted({"pytest>=8", "pytest-xdist>=3.5", "torch>=2.1,<2.14", *EXTRAS["play"], *EXTRAS["sweep"]})
+EXTRAS["test"] = sorted({"pytest>=8", "pytest-xdist>=3.5", "torch>=2.1,<2.14", *EXTRAS["play"], *EXTRAS["sweep"],
+                         *EXTRAS["gymnax"]})
 
 setup(
     name="diamond_jax",

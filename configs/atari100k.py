@@ -12,10 +12,11 @@ The argument after ':' takes comma-separated presets: `game=<Name>` (one of the 
 from ml_collections import config_dict
 
 from diamond_jax import config as config_lib
+from diamond_jax import envs
 
 
 def get_config(arg: str = "") -> config_dict.ConfigDict:
-    presets = config_lib.parse_presets(arg)
+    presets = config_lib.parse_presets(arg, envs.game_names("envpool"))
     c = config_dict.ConfigDict()
 
     c.game = "Breakout"  # one of the 26 Atari 100k games (diamond_jax.envs.games.ATARI_100K_GAMES)
@@ -28,6 +29,7 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
     sample_weights = config_dict.FieldReference((0.1, 0.1, 0.1, 0.7), field_type=tuple)
 
     c.env = config_dict.ConfigDict()
+    c.env.backend = "envpool"  # diamond_jax.envs: envpool's Atari with DIAMOND's preprocessing
     c.env.size = 64  # frames are resized to size x size RGB (area interpolation)
     c.env.frame_skip = 4  # emulator frames per agent step, max-pooled over the last two
     c.env.noop_max = 30  # up to this many random no-ops at reset
@@ -50,12 +52,17 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
     c.collection.test = config_dict.ConfigDict()
     c.collection.test.num_envs = 1  # parallel environments for test episodes
     c.collection.test.epsilon = 0.0  # epsilon-greedy in test episodes
+    c.collection.test.temperature = 1.0  # policy temperature in test episodes: 1 samples (the paper), 0 = greedy
     c.collection.test.num_episodes = 4  # test episodes at each evaluation
     c.collection.test.num_final_episodes = 100  # test episodes at the end of the run
 
     c.training = config_dict.ConfigDict()
     c.training.num_final_epochs = 50  # training-only epochs after collection has stopped
-    c.training.steps_per_call = 100  # updates per compiled call (a scan on device); saves happen between calls
+    c.training.steps_per_call = 100  # updates per compiled call when it scans; saves happen between calls
+    # How a compiled call loops over updates: "scan" (steps_per_call updates in one lax.scan), "python" (one
+    # update per call, the host loops: XLA's CPU backend differentiates convolutions 10-70x slower inside a
+    # loop), "auto" (scan on GPU/TPU, python on CPU). Both compute the same updates from the same keys.
+    c.training.phase_loop = "auto"
 
     c.evaluation = config_dict.ConfigDict()
     c.evaluation.every = 10  # evaluate every this many epochs
@@ -151,6 +158,7 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
     c.game = presets.game or c.game
 
     config_lib.validate(c)
+    envs.check_env_config(c)
     return c.lock()
 
 

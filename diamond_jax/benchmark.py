@@ -20,7 +20,7 @@ is our median time over the reference's (< 1: ours is faster). Items, with the p
   actor_critic_update_stored  update over 15 stored frames, no world model    trajectory frames/s
                               (= the reference's actor_critic_update)
   compute_lambda_returns      lambda-returns alone                            returns/s
-  collection                  collect.benchmark_collection                    env steps/s
+  collection                  the training collector, policy acting           env steps/s
   sampling                    replay.benchmark_sampling                       segments/s
 
 The projection adds up one run's phases (SPEC section 7) at the measured rates: each model's updates,
@@ -51,7 +51,7 @@ from diamond_jax.benchmarking import device as device_lib
 from diamond_jax.benchmarking import report, timing
 from diamond_jax.benchmarking.items import ITEMS, Setup
 from diamond_jax.config import CPU_DEVICES_HELP
-from diamond_jax.envs.atari import num_actions
+from diamond_jax import envs
 from diamond_jax.training import parallel, steps
 
 # (warm-up calls, timed calls) per item when not given: accelerators run every item in milliseconds, a CPU
@@ -191,7 +191,7 @@ def main(argv: List[str]) -> None:
     else:
         peak, peak_source = device_lib.peak_tflops(device, _MATMUL_PRECISION.value)
 
-    game_actions = num_actions(config.game, config.env)
+    game_actions = envs.num_actions(config)
     agent = Agent.from_config(config, game_actions)
     variables = agent.init(jax.random.key(config.seed))
     params = {m: steps.count_params(variables[m]["params"]) for m in MODEL_NAMES}

@@ -2,11 +2,13 @@
 
 import dataclasses
 import math
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from ml_collections import config_dict
 
-from diamond_jax.envs.games import ATARI_100K_GAMES
+
+# How a compiled training call loops over its updates (training.phases.use_scan).
+PHASE_LOOPS = ("auto", "scan", "python")
 
 
 class ConfigError(ValueError):
@@ -27,8 +29,10 @@ CPU_DEVICES_HELP = (
     "--xla_force_host_platform_device_count.")
 
 
-def parse_presets(arg: str) -> Presets:
-    """Parses the text after ':' in `--config=configs/atari100k.py:game=Pong,debug`."""
+def parse_presets(arg: str, games: Sequence[str], config_file: str = "configs/atari100k.py",
+                  kind: str = "an Atari 100k game") -> Presets:
+    """Parses the text after ':' in `--config=configs/atari100k.py:game=Pong,debug`; `games` are the names a
+    `game=` preset may take (the config file's environment backend's), `kind` says what they are."""
     game, debug = None, False
     for item in filter(None, (s.strip() for s in (arg or "").split(","))):
         key, _, value = item.partition("=")
@@ -39,19 +43,14 @@ def parse_presets(arg: str) -> Presets:
         else:
             raise ConfigError(
                 f"Unknown config preset {item!r}. Presets are 'game=<Name>' and 'debug', comma-separated, "
-                f"e.g. --config=configs/atari100k.py:game=Pong,debug"
+                f"e.g. --config={config_file}:game={games[-1]},debug"
             )
-    if game is not None:
-        _check_game(game, "preset game")
-    return Presets(game=game, debug=debug)
-
-
-def _check_game(game: Any, where: str) -> None:
-    if game not in ATARI_100K_GAMES:
+    if game is not None and game not in games:
         raise ConfigError(
-            f"{where}={game!r} is not an Atari 100k game. Fix: use one of {', '.join(ATARI_100K_GAMES)} "
-            f"(names are case-sensitive), e.g. --config=configs/atari100k.py:game=Pong"
+            f"preset game={game!r} is not {kind}. Fix: use one of {', '.join(games)} "
+            f"(names are case-sensitive), e.g. --config={config_file}:game={games[-1]}"
         )
+    return Presets(game=game, debug=debug)
 
 
 def _fail(field: str, value: Any, problem: str, fix: str) -> None:
@@ -66,8 +65,8 @@ def _get(c: config_dict.ConfigDict, field: str) -> Any:
 
 
 def validate(c: config_dict.ConfigDict) -> None:
-    """Raises ConfigError on the first impossible value of a config built by configs/atari100k.py."""
-    _check_game(c.game, "config.game")
+    """Raises ConfigError on the first impossible value of a config built by a file of configs/. The game and
+    the frame size its environment can draw are the environments' to check (`envs.check_env_config`)."""
 
     def positive_int(*fields: str) -> None:
         for f in fields:
@@ -98,12 +97,14 @@ def validate(c: config_dict.ConfigDict) -> None:
     if not isinstance(c.num_devices, int) or c.num_devices < 0:
         _fail("num_devices", c.num_devices, "must be an integer >= 0", "use 0 for all local devices")
 
-    # Environment.
-    positive_int("env.size", "env.frame_skip", "env.max_episode_steps")
-    if not isinstance(c.env.noop_max, int) or c.env.noop_max < 1:
-        _fail("env.noop_max", c.env.noop_max, "must be an integer >= 1 (envpool always plays 1 to noop_max no-ops "
-              "at reset and crashes with 0)", "use 30 (the paper) or 1 for a single no-op")
+    # Environment (the Atari fields only for envpool; the game itself is checked by envs.check_env_config).
+    positive_int("env.size", "env.max_episode_steps")
     probability("env.repeat_action_probability")
+    if c.env.get("backend", "envpool") == "envpool":
+        positive_int("env.frame_skip")
+        if not isinstance(c.env.noop_max, int) or c.env.noop_max < 1:
+            _fail("env.noop_max", c.env.noop_max, "must be an integer >= 1 (envpool always plays 1 to noop_max "
+                  "no-ops at reset and crashes with 0)", "use 30 (the paper) or 1 for a single no-op")
 
     # Collection and schedule.
     t = c.collection.train
@@ -113,9 +114,13 @@ def validate(c: config_dict.ConfigDict) -> None:
                  "collection.test.num_episodes", "collection.test.num_final_episodes", "evaluation.every",
                  "checkpoint.every_epochs", "checkpoint.keep")
     positive_int("training.steps_per_call", "world_model_env.initial_conditions_per_row")
+    if c.training.phase_loop not in PHASE_LOOPS:
+        _fail("training.phase_loop", c.training.phase_loop, f"must be one of {', '.join(PHASE_LOOPS)}",
+              "use auto (scan on GPU/TPU, one update per call on CPU)")
     non_negative("collection.train.first_epoch.threshold_rew", "training.num_final_epochs",
                  "checkpoint.every_minutes")
     probability("collection.train.epsilon", "collection.test.epsilon")
+    non_negative("collection.test.temperature")
     if not t.first_epoch.min <= t.first_epoch.max <= t.num_steps_total:
         _fail("collection.train.first_epoch", (t.first_epoch.min, t.first_epoch.max),
               f"needs min <= max <= num_steps_total ({t.num_steps_total})",

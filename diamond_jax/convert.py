@@ -30,6 +30,7 @@ import numpy as np
 from ml_collections import config_dict
 
 from diamond_jax import config as config_lib
+from diamond_jax import envs
 from diamond_jax.agent import MODEL_NAMES, Agent, AgentVariables
 from diamond_jax.training.agent_checkpoint import (
     AgentCheckpointError, abstract_variables, file_sha256, read_agent_info, save_agent)
@@ -260,12 +261,11 @@ def infer_num_actions(state_dict: Mapping[str, np.ndarray]) -> int:
     return next(iter(counts.values()))
 
 
-def _game_num_actions(game: str, env_config: config_dict.ConfigDict) -> Optional[int]:
+def _game_num_actions(config: config_dict.ConfigDict) -> Optional[int]:
     try:
-        from diamond_jax.envs.atari import num_actions
+        return envs.num_actions(config)
     except ImportError:  # no envpool: the checkpoint's count is taken as given
         return None
-    return num_actions(game, env_config)
 
 
 def _write_text_atomically(path: Path, text: str) -> None:
@@ -284,7 +284,7 @@ def convert(checkpoint: os.PathLike, workdir: os.PathLike, config: config_dict.C
     config = copy.deepcopy(config)
     config.game = game or config.game
     config_lib.validate(config)
-    game_actions = _game_num_actions(config.game, config.env)
+    game_actions = _game_num_actions(config)
     if game_actions is None:
         logging.warning("envpool is not installed: cannot check that %s has %d actions; taking the checkpoint's "
                         "count as given.", config.game, num_actions)

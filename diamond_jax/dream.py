@@ -30,9 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diamond_jax import imagination
+from diamond_jax import envs, imagination
 from diamond_jax.agent import Agent, AgentVariables
-from diamond_jax.envs.atari import make_atari_env
 from diamond_jax.play_env import UsageError, initial_conditions, load_run_agent, play_real, start_fn, to_frame
 from diamond_jax.video import FORMATS, grid, upscale, write_video
 
@@ -76,7 +75,7 @@ def imagine_rollout(config, agent: Agent, variables: AgentVariables, rows: int, 
     initial_conditions_per_row more for its restarts."""
     n = config.denoiser.inner_model.num_steps_conditioning
     k = config.world_model_env.initial_conditions_per_row
-    env = make_atari_env(config.game, config.env, rows * (1 + k), train=False, seed=seed)
+    env = envs.make_env(config, rows * (1 + k), train=False, seed=seed)
     key_real, key_rollout = jax.random.split(key)
     init = initial_conditions(play_real(env, agent, variables, n, key_real), n)
     state = start_fn(agent)(variables, jax.tree.map(lambda x: x[:rows], init))
@@ -96,7 +95,7 @@ def compare_open_loop(config, agent: Agent, variables: AgentVariables, rows: int
     the same initial condition, imagines the frames of the same actions. Stops early (with a warning) at the
     first real episode end among the rows: the real frames that follow belong to another episode."""
     n = config.denoiser.inner_model.num_steps_conditioning
-    env = make_atari_env(config.game, config.env, rows, train=False, seed=seed)
+    env = envs.make_env(config, rows, train=False, seed=seed)
     key_real, key_imagine = jax.random.split(key)
     traj = play_real(env, agent, variables, n - 1 + num_steps, key_real)
     done = (traj.end | traj.trunc).any(axis=0)

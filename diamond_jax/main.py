@@ -92,8 +92,10 @@ def main(argv) -> None:
     except NonFiniteLoss as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
-    logging.info("Done: mean return %.2f over %d test episodes, human-normalised score %.3f (%s)",
-                 results["mean_return"], len(results["returns"]), results["human_normalized_score"],
+    score = ("human-normalised score" if "human_normalized_score" in results else "return above the random "
+             "policy's")
+    logging.info("Done: mean return %.2f over %d test episodes, %s %.3f (%s)", results["mean_return"],
+                 len(results["returns"]), score, results["normalized_score"],
                  os.path.join(_WORKDIR.value, "results.json"))
 
 

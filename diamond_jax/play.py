@@ -26,10 +26,10 @@ os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from diamond_jax.envs.atari import make_atari_env  # noqa: E402
-from diamond_jax.envs.games import action_names  # noqa: E402
+from diamond_jax import envs  # noqa: E402
 from diamond_jax.play_env import (  # noqa: E402
-    PlaySession, RealPlayEnv, UsageError, WorldModelPlayEnv, action_from_keys, action_keys, keymap, load_run_agent)
+    PlaySession, RealPlayEnv, UsageError, WorldModelPlayEnv, action_from_keys, action_keys, keymap, load_run_agent,
+    noop_action)
 from diamond_jax.video import VideoWriter, video_format  # noqa: E402
 
 # Keys of the controls (pygame key names), the command each sends to PlaySession, and what it does.
@@ -54,9 +54,8 @@ def describe_controls() -> str:
     return "\n".join(["Controls:"] + [f"  {' / '.join(keys):<14} {text}" for keys, _, text in CONTROL_KEYS])
 
 
-def describe_keys(game: str, full_action_space: bool = False) -> str:
-    """The game's actions with their keys, then the controls: printed at start."""
-    names = action_names(game, full_action_space)
+def describe_keys(game: str, names: Sequence[str]) -> str:
+    """The game's actions (names by index) with their keys, then the controls: printed at start."""
     lines = [f"{game}: {len(names)} actions, the keys to hold under human control (m):"]
     lines += [f"  {name:<14} {' + '.join(action_keys(name)) or '(no key)'}" for name in names]
     return "\n".join(lines + [describe_controls()])
@@ -116,8 +115,9 @@ class Keyboard:
     """Turns pygame events into PlaySession commands and the held keys into the human's action. A key pressed
     and released between two frames still counts for the next one, so that a quick tap is never lost."""
 
-    def __init__(self, game_keymap: Dict):
+    def __init__(self, game_keymap: Dict, noop: int = 0):
         self.keymap = game_keymap
+        self.noop = noop  # the action when no action key is held
         self.held: Set[str] = set()
 
     def read(self, events: Iterable[Any]):
@@ -137,7 +137,7 @@ class Keyboard:
                 self.held.discard(pygame.key.name(event.key))
             elif event.type == pygame.WINDOWFOCUSLOST:  # its key releases go to another window
                 self.held.clear()
-        return commands, action_from_keys(self.keymap, self.held | tapped)
+        return commands, action_from_keys(self.keymap, self.held | tapped, self.noop)
 
 
 def header_lines(session: PlaySession, names: Sequence[str]) -> List[str]:
@@ -170,7 +170,7 @@ def run_window(session: PlaySession, frame_size: int, game_keymap: Dict, names: 
     pygame.display.set_caption("diamond_jax.play")
     font = pygame.font.Font(None, 20)
     clock = pygame.time.Clock()
-    keyboard = Keyboard(game_keymap)
+    keyboard = Keyboard(game_keymap, noop_action(names))
     events = events or (lambda frame: pygame.event.get())
     writer = VideoWriter(record, fps) if record else None
     try:
@@ -210,15 +210,15 @@ def make_session(workdir: str, seed: int = 0, horizon: int = 50, human: bool = F
     """The session of an agent's run directory: the world model first, then the real game."""
     config, agent, variables = load_run_agent(workdir)
     n = config.denoiser.inner_model.num_steps_conditioning
-    init_env = make_atari_env(config.game, config.env, 1, train=False, seed=seed)
+    init_env = envs.make_env(config, 1, train=False, seed=seed)
     if init_env.num_actions != agent.num_actions:
         raise UsageError(f"{config.game} has {init_env.num_actions} actions but the agent in {workdir} has "
                         f"{agent.num_actions}. Fix: its agent.json names the wrong game; re-save or re-convert it "
                         "with the right one (python -m diamond_jax.convert PATH.pt --game=...).")
-    real_env = make_atari_env(config.game, config.env, 1, train=False, seed=seed + 1)
-    envs = [WorldModelPlayEnv(agent, variables, init_env, n, horizon, init_policy=init_actions == "policy"),
-            RealPlayEnv(agent, variables, real_env)]
-    return config, PlaySession(envs, jax.random.key(seed), human=human)
+    real_env = envs.make_env(config, 1, train=False, seed=seed + 1)
+    play_envs = [WorldModelPlayEnv(agent, variables, init_env, n, horizon, init_policy=init_actions == "policy"),
+                 RealPlayEnv(agent, variables, real_env)]
+    return config, PlaySession(play_envs, jax.random.key(seed), human=human)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -264,10 +264,10 @@ def play(args: argparse.Namespace, events: Optional[EventSource] = None) -> Dict
     if args.script and events is None:
         events = ScriptedEvents(parse_script(args.script))
     config, session = make_session(args.workdir, args.seed, args.horizon, args.human, args.init_actions)
-    print(describe_keys(config.game, config.env.full_action_space))
+    names = envs.action_names(config)
+    print(describe_keys(config.game, names))
     print("The first frames wait for the models to compile (seconds on a GPU, up to a minute on a CPU).", flush=True)
-    summary = run_window(session, config.env.size, keymap(config.game, config.env.full_action_space),
-                         action_names(config.game, config.env.full_action_space), args.size, args.fps, args.record,
+    summary = run_window(session, config.env.size, keymap(names), names, args.size, args.fps, args.record,
                          args.max_steps, events)
     summary["log"] = session.log
     return summary

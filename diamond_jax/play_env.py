@@ -24,9 +24,8 @@ import numpy as np
 from diamond_jax import imagination
 from diamond_jax.agent import Agent, AgentVariables
 from diamond_jax.data.batch import obs_from_frames
-from diamond_jax.envs.atari import AtariEnv
+from diamond_jax.envs.base import Env
 from diamond_jax.envs.collect import policy_step_fn
-from diamond_jax.envs.games import action_names
 from diamond_jax.imagination import ImaginationState, InitialConditions
 from diamond_jax.training.agent_checkpoint import AgentCheckpointError, load_agent
 
@@ -48,7 +47,7 @@ def load_run_agent(workdir: str):
 
 # The key of each part of an action's name; an action takes all the keys of its parts (UPRIGHTFIRE: w+d+space).
 ACTION_PART_KEYS = (("UP", "w"), ("DOWN", "s"), ("RIGHT", "d"), ("LEFT", "a"), ("FIRE", "space"))
-NOOP = 0  # the first action of every Atari action set, taken when no action key is held
+NOOP = 0  # the first action of every Atari action set, taken when no action key is held (see noop_action)
 
 Keymap = Dict[Tuple[str, ...], int]  # key names -> action index
 
@@ -58,16 +57,22 @@ def action_keys(name: str) -> Tuple[str, ...]:
     return tuple(key for part, key in ACTION_PART_KEYS if part in name)
 
 
-def keymap(game: str, full_action_space: bool = False) -> Keymap:
-    """Every action of the game but NOOP, by its keys."""
-    return {action_keys(name): i for i, name in enumerate(action_names(game, full_action_space)) if name != "NOOP"}
+def keymap(names: Sequence[str]) -> Keymap:
+    """Every action of a game but NOOP, by its keys; `names` are the game's action names by index
+    (`envs.action_names(config)`)."""
+    return {action_keys(name): i for i, name in enumerate(names) if name != "NOOP"}
 
 
-def action_from_keys(keys: Keymap, pressed: Collection[str]) -> int:
+def noop_action(names: Sequence[str]) -> int:
+    """The index of NOOP: 0 in Atari's and MinAtar's action sets, 1 in Catch's (LEFT NOOP RIGHT)."""
+    return list(names).index("NOOP") if "NOOP" in names else NOOP
+
+
+def action_from_keys(keys: Keymap, pressed: Collection[str], noop: int = NOOP) -> int:
     """The action whose keys are all pressed, the one with most keys if several are (w+d is UPRIGHT, not
-    UP), the first in action order on a tie; NOOP if none. A game without UPRIGHT moves UP or RIGHT on w+d."""
+    UP), the first in action order on a tie; `noop` if none. A game without UPRIGHT moves UP or RIGHT on w+d."""
     held = [(len(combo), -act) for combo, act in keys.items() if set(combo) <= set(pressed)]
-    return -max(held)[1] if held else NOOP
+    return -max(held)[1] if held else noop
 
 
 def to_frame(obs: jax.Array) -> np.ndarray:
@@ -83,7 +88,7 @@ class RealTrajectory(NamedTuple):
     trunc: np.ndarray  # bool [b, T]
 
 
-def play_real(env: AtariEnv, agent: Agent, variables: AgentVariables, num_steps: int, key: jax.Array,
+def play_real(env: Env, agent: Agent, variables: AgentVariables, num_steps: int, key: jax.Array,
               policy: bool = True) -> RealTrajectory:
     """Resets the envs and plays num_steps >= 1 steps in each, the policy acting (epsilon 0) or NOOP.
 
@@ -98,7 +103,7 @@ def play_real(env: AtariEnv, agent: Agent, variables: AgentVariables, num_steps:
             act, hx_cx = policy_step(variables["actor_critic"], obs, hx_cx, key_t, 0.0)
             act = np.asarray(act)
         else:
-            act = np.full(env.num_envs, NOOP, np.int32)
+            act = np.full(env.num_envs, noop_action(env.action_names), np.int32)
         step = env.step(act)
         # An env whose episode ended goes on with a new one, which the actor-critic starts from a zero state.
         dead = (step.end | step.trunc)[:, None]
@@ -155,7 +160,7 @@ class WorldModelPlayEnv:
 
     name = "world model"
 
-    def __init__(self, agent: Agent, variables: AgentVariables, real_env: AtariEnv, num_steps_conditioning: int,
+    def __init__(self, agent: Agent, variables: AgentVariables, real_env: Env, num_steps_conditioning: int,
                  horizon: int, init_policy: bool = True):
         self.agent, self.variables = agent, variables
         self.real_env = real_env
@@ -186,7 +191,7 @@ class RealPlayEnv:
 
     name = "real"
 
-    def __init__(self, agent: Agent, variables: AgentVariables, env: AtariEnv):
+    def __init__(self, agent: Agent, variables: AgentVariables, env: Env):
         self.agent, self.variables, self.env = agent, variables, env
         self.frame: Optional[np.ndarray] = None
         self.hx_cx = None

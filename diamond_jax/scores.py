@@ -33,6 +33,33 @@ def human_normalized_score(game: str, score: float) -> float:
     return (score - random) / (human - random)
 
 
+SUITES = {"envpool": "atari100k", "gymnax": "minatar"}  # config.env.backend -> the suite its games form
+
+
+def suite_of(env_config) -> str:
+    return SUITES[env_config.get("backend", "envpool")]
+
+
+def random_scores(suite: str) -> dict[str, float]:
+    """Game -> the mean return of the uniformly random policy (Atari: the published random scores; MinAtar and
+    Catch: measured by this project, see reference_data/minatar_random.json for the command)."""
+    if suite == "atari100k":
+        return {game: r for game, (r, _) in random_human_scores().items()}
+    return {game: g["mean_return"] for game, g in _load("minatar_random.json")["games"].items()}
+
+
+def normalized_score(suite: str, game: str, score: float) -> float:
+    """0 = the random policy. Atari: the human-normalised score (1 = human). MinAtar and Catch, which have no
+    human reference: the return above the random policy's, in the game's own units."""
+    if suite == "atari100k":
+        return human_normalized_score(game, score)
+    random = random_scores(suite)
+    if game not in random:
+        raise ValueError(f"{game!r} has no random-policy score in the {suite} suite; its games: "
+                         f"{', '.join(random)}.")
+    return score - random[game]
+
+
 def diamond_published_returns() -> dict[str, list[float]]:
     """Game -> DIAMOND's 5 per-seed returns, each a mean over 100 test episodes (Alonso et al., 2024)."""
     return {game: list(returns) for game, returns in _load("DIAMOND_atari100k_returns.json").items()}

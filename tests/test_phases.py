@@ -93,3 +93,33 @@ def test_updates_draw_the_same_numbers_however_a_phase_is_cut(debug_agent, debug
 def test_first_non_finite():
     assert phases.first_non_finite(jnp.array([1.0, 2.0])) == (True, 0)
     assert phases.first_non_finite(jnp.array([1.0, jnp.inf, jnp.nan])) == (False, 1)
+
+
+def test_one_update_per_call_computes_what_the_scan_computes(debug_agent, debug_config, replay_host):
+    """The CPU's host loop over single-update calls against one lax.scan of the same updates: the same keys and
+    batches, so the same parameters up to float reassociation inside XLA's fusions."""
+    agent, variables = debug_agent
+    optimizer = steps.optimizer_from_config(debug_config.denoiser)
+    update = steps.make_update(agent.denoiser.loss, optimizer)
+    mesh = parallel.make_mesh(1)
+    sample = phases.batch_sampler(debug_config, "denoiser")
+    replay = device_replay(replay_host, mesh)
+    key = jax.random.key(4)
+    scanned, scan_metrics = phases.make_model_phase(update, sample, mesh, 4)(
+        new_state(variables["denoiser"], optimizer, mesh), replay, key, jnp.int32(0))
+    single = phases.make_model_phase(update, sample, mesh, 1, scan=False)
+    state, losses = new_state(variables["denoiser"], optimizer, mesh), []
+    for i in range(4):
+        state, metrics = single(state, replay, key, jnp.int32(i))
+        assert metrics["loss_denoising"].shape == (1,)
+        losses.append(float(metrics["loss_denoising"][0]))
+    assert int(state.step) == 4
+    chex.assert_trees_all_close(jax.device_get(state.params), jax.device_get(scanned.params), atol=1e-6, rtol=1e-5)
+    chex.assert_trees_all_close(losses, list(jax.device_get(scan_metrics["loss_denoising"])), rtol=1e-5)
+    with pytest.raises(ValueError, match="one update per call"):
+        phases.make_model_phase(update, sample, mesh, 2, scan=False)(state, replay, key, jnp.int32(0))
+
+
+def test_phase_loop_choice():
+    assert phases.use_scan("auto", "gpu") and phases.use_scan("auto", "tpu") and not phases.use_scan("auto", "cpu")
+    assert phases.use_scan("scan", "cpu") and not phases.use_scan("python", "gpu")

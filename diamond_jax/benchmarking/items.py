@@ -6,18 +6,20 @@ mapped to [-1, 1], actions uniform, rewards in {-1, 0, 1}, no padding and no end
 """
 
 import functools
+import time
 from typing import Any, Callable, Dict, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 from ml_collections import config_dict
 
-from diamond_jax import imagination
+from diamond_jax import envs, imagination
 from diamond_jax.agent import Agent, AgentVariables
 from diamond_jax.benchmarking.timing import Program, next_state, same_args
 from diamond_jax.data import replay
 from diamond_jax.data.batch import Batch, obs_from_frames
-from diamond_jax.envs import collect
+from diamond_jax.data.replay import ReplayDataset
+from diamond_jax.envs.collect import TrainCollector
 from diamond_jax.imagination import ActorCriticInputs, InitialConditions
 from diamond_jax.models.actor_critic import ActorCritic, compute_lambda_returns
 from diamond_jax.models.denoiser import stack_frames
@@ -289,12 +291,24 @@ def lambda_returns(setup: Setup) -> Item:
                 "returns/s", program=Program(jitted, args, same_args))
 
 
+def benchmark_collection(config: config_dict.ConfigDict, num_steps: int) -> float:
+    """Agent steps per second of the training collector, the policy (randomly initialised) acting and the
+    replay dataset filling, after a warm-up that compiles the policy."""
+    actor_critic = ActorCritic.from_config(config, envs.num_actions(config))
+    variables = actor_critic.init(jax.random.key(0), config.env.size)
+    collector = TrainCollector(config, actor_critic, ReplayDataset.from_config(config), jax.random.key(1), 0)
+    collector.collect(variables, collector.num_envs)
+    start = time.perf_counter()
+    collector.collect(variables, num_steps)
+    return num_steps / (time.perf_counter() - start)
+
+
 def collection(setup: Setup) -> Item:
     config, num_steps = setup.config, setup.collection_steps
-    return Item(f"collect.benchmark_collection: {num_steps} agent steps per repeat of {config.game} in "
+    return Item(f"benchmark_collection: {num_steps} agent steps per repeat of {config.game} in "
                 f"{config.collection.train.num_envs} env(s), the policy acting (epsilon-greedy), the replay "
                 f"filling; a time per call is per agent step", None, config.collection.train.num_envs, 1,
-                "env steps/s", rate=lambda: collect.benchmark_collection(config, num_steps))
+                "env steps/s", rate=lambda: benchmark_collection(config, num_steps))
 
 
 def sampling(setup: Setup) -> Item:

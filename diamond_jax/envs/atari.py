@@ -25,33 +25,25 @@ envpool behaviours this wrapper relies on or works around (pinned by tests/test_
 - envpool gives no action names, only the size of the (minimal) action set.
 """
 
-from typing import NamedTuple, Optional
+from typing import Optional, Tuple
 
 import envpool
 import numpy as np
 from ml_collections import config_dict
 
-from diamond_jax.envs.games import ATARI_100K_GAMES
-
-
-class EnvStep(NamedTuple):
-    """The outcome of one agent step of every env."""
-
-    obs: np.ndarray  # uint8 [n, h, w, 3]: the frame to act on next (a new episode's first frame after a reset)
-    final_obs: np.ndarray  # uint8 [n, h, w, 3]: the frame reached by this step (the episode's last when it ended)
-    rew: np.ndarray  # float32 [n], raw
-    end: np.ndarray  # bool [n]: game over, or a life loss in an env with done_on_life_loss
-    trunc: np.ndarray  # bool [n]: the episode reached max_episode_steps
-    lives: np.ndarray  # int32 [n], after this step (before any reset)
+from diamond_jax.envs.base import EnvStep, check_actions
+from diamond_jax.envs.games import ATARI_100K_GAMES, action_names
 
 
 class AtariEnv:
-    """A batch of `num_envs` Atari games stepped together (envpool sync mode)."""
+    """A batch of `num_envs` Atari games stepped together (envpool sync mode); an `envs.base.Env`."""
 
-    def __init__(self, pool, num_envs: int, num_actions: int, done_on_life_loss: bool):
+    def __init__(self, pool, num_envs: int, num_actions: int, done_on_life_loss: bool,
+                 action_names: Tuple[str, ...] = ()):
         self._pool = pool
         self.num_envs = num_envs
         self.num_actions = num_actions
+        self.action_names = tuple(action_names)  # empty for an env built by hand
         self.done_on_life_loss = done_on_life_loss
         self._lives: Optional[np.ndarray] = None
 
@@ -64,9 +56,7 @@ class AtariEnv:
     def step(self, act: np.ndarray) -> EnvStep:
         if self._lives is None:
             raise RuntimeError("AtariEnv.step called before reset(). Fix: call env.reset() first.")
-        act = np.asarray(act, dtype=np.int32)
-        if act.shape != (self.num_envs,):
-            raise ValueError(f"expected one action per env, shape ({self.num_envs},), got {act.shape}")
+        act = check_actions(act, self.num_envs)
         obs, rew, terminated, truncated, info = self._pool.step(act)
         final_obs = _to_hwc(obs)
         lives = info["lives"].astype(np.int32)
@@ -136,4 +126,5 @@ def make_atari_env(game: str, env_config: config_dict.ConfigDict, num_envs: int,
         use_inter_area_resize=True,
     )
     done_on_life_loss = c.train_done_on_life_loss if train else c.test_done_on_life_loss
-    return AtariEnv(pool, num_envs, int(pool.action_space.n), bool(done_on_life_loss))
+    return AtariEnv(pool, num_envs, int(pool.action_space.n), bool(done_on_life_loss),
+                    action_names(game, c.full_action_space))

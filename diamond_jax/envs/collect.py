@@ -1,16 +1,17 @@
 """Collecting real experience with the actor-critic (SPEC sections 2 and 7).
 
-- `policy_step_fn(actor_critic)`: the jitted acting step, categorical sampling with epsilon-greedy.
+- `policy_step_fn(actor_critic)`: the jitted acting step, sampling at a temperature, with epsilon-greedy.
 - `TrainCollector`: the training envs, persistent across epochs; each `collect` call adds its steps to the
   replay dataset, partial episodes included (later calls extend them), as the official collector does.
-  It is restorable exactly: envpool cannot save emulator states, but it is deterministic given its seed
-  and the actions sent, so the collector records every action batch and `restore` replays them.
+  It is restorable exactly: envpool cannot save emulator states, but every backend is deterministic given
+  its seed and the actions sent, so the collector records every action batch and `restore` replays them.
 - `collect_test_episodes`: fresh test envs, a given number of whole episodes.
 - `collect_initial`: the first epoch's collection rule.
+
+Environments come from `diamond_jax.envs.make_env`, whichever the backend.
 """
 
 import functools
-import time
 import zlib
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -22,26 +23,34 @@ from ml_collections import config_dict
 
 from diamond_jax.data.batch import obs_from_frames
 from diamond_jax.data.replay import ReplayDataset
-from diamond_jax.envs.atari import make_atari_env, num_actions
+from diamond_jax.envs import make_env
 from diamond_jax.models.actor_critic import ActorCritic, HxCx
 
-PolicyStep = Callable[[Any, np.ndarray, HxCx, jax.Array, float], Tuple[jax.Array, HxCx]]
+PolicyStep = Callable[..., Tuple[jax.Array, HxCx]]
+
+
+def sample_action(key: jax.Array, logits: jax.Array, temperature: jax.Array) -> jax.Array:
+    """An action per row from softmax(logits / temperature): 1 samples the policy, 0 takes its most likely
+    action (greedy)."""
+    sampled = jax.random.categorical(key, logits / jnp.maximum(temperature, 1e-6))
+    return jnp.where(temperature > 0, sampled, jnp.argmax(logits, axis=-1))
 
 
 @functools.lru_cache(maxsize=None)
 def policy_step_fn(actor_critic: ActorCritic) -> PolicyStep:
-    """policy_step(ac_variables, obs uint8 [n, h, w, 3], hx_cx, key, epsilon) -> (act int32 [n], hx_cx):
-    one LSTM step, an action sampled from the policy, replaced by a uniform random one with probability
-    epsilon independently in each env (the official code draws once for all envs; with one env, the same)."""
+    """policy_step(ac_variables, obs uint8 [n, h, w, 3], hx_cx, key, epsilon, temperature=1) -> (act int32 [n],
+    hx_cx): one LSTM step, an action sampled from the policy at `temperature` (`sample_action`), replaced by a
+    uniform random one with probability epsilon independently in each env (the official code draws once for
+    all envs; with one env, the same)."""
 
     @jax.jit
-    def policy_step(ac_variables, obs, hx_cx, key, epsilon):
+    def policy_step(ac_variables, obs, hx_cx, key, epsilon, temperature=1.0):
         n = obs.shape[0]
         chex.assert_shape(obs, (n, None, None, 3))
         chex.assert_type(obs, jnp.uint8)
         out = actor_critic.predict_act_value(ac_variables, obs_from_frames(obs), hx_cx)
         key_act, key_explore, key_random = jax.random.split(key, 3)
-        act = jax.random.categorical(key_act, out.logits_act)
+        act = sample_action(key_act, out.logits_act, jnp.asarray(temperature, jnp.float32))
         explore = jax.random.uniform(key_explore, (n,)) < epsilon
         random_act = jax.random.randint(key_random, (n,), 0, actor_critic.num_actions)
         return jnp.where(explore, random_act, act).astype(jnp.int32), out.hx_cx
@@ -85,7 +94,7 @@ class TrainCollector:
         self._start(key, env_seed)
 
     def _start(self, key: jax.Array, env_seed: int) -> None:
-        self._env = make_atari_env(self._config.game, self._config.env, self.num_envs, train=True, seed=env_seed)
+        self._env = make_env(self._config, self.num_envs, train=True, seed=env_seed)
         if self._env.num_actions != self._actor_critic.num_actions:
             raise ValueError(f"{self._config.game} has {self._env.num_actions} actions but the actor-critic "
                              f"has {self._actor_critic.num_actions}")
@@ -98,9 +107,11 @@ class TrainCollector:
         self._ep_length = np.zeros(self.num_envs, np.int64)
         self.num_steps = 0
 
-    def collect(self, ac_variables: Any, num_steps: int) -> Dict[str, Any]:
+    def collect(self, ac_variables: Any, num_steps: int,
+                on_step: Optional[Callable[[int], None]] = None) -> Dict[str, Any]:
         """Steps every env num_steps / num_envs times; returns logs: the episodes that finished (episode id,
-        return, length), the steps collected so far and the dataset's reward/end counts."""
+        return, length), the steps collected so far and the dataset's reward/end counts. on_step(num_envs)
+        is called after every env step (a progress bar)."""
         if num_steps % self.num_envs:
             raise ValueError(f"num_steps={num_steps} must be a multiple of the {self.num_envs} envs")
         buffers: List[List[Tuple]] = [[] for _ in range(self.num_envs)]
@@ -123,6 +134,8 @@ class TrainCollector:
             self._ep_return[dead], self._ep_length[dead] = 0, 0
             self._hx_cx = _reset_rows(hx_cx, dead)
             self._obs = step.obs
+            if on_step is not None:
+                on_step(self.num_envs)
         for i in range(self.num_envs):
             if buffers[i]:  # an episode in progress: stored now, extended by the next call
                 self._flush(i, buffers[i], self._obs[i])
@@ -170,8 +183,8 @@ def collect_test_episodes(config: config_dict.ConfigDict, actor_critic: ActorCri
                           num_episodes: int, key: jax.Array, env_seed: int,
                           dataset: Optional[ReplayDataset] = None,
                           should_stop: Callable[[], bool] = lambda: False) -> Dict[str, List]:
-    """Plays num_episodes whole test episodes (no done on life loss, epsilon collection.test.epsilon) in fresh
-    envs; returns their returns and lengths, and adds them to `dataset` (one lane) if given. Raises
+    """Plays num_episodes whole test episodes (no done on life loss, epsilon collection.test.epsilon, actions
+    sampled at collection.test.temperature) in fresh envs; returns their returns and lengths, and adds them to `dataset` (one lane) if given. Raises
     Interrupted as soon as should_stop() is true (checked every step: 100 long episodes can take an hour).
 
     With several envs, short episodes finish first: stopping at the first N to finish would favour them.
@@ -182,7 +195,7 @@ def collect_test_episodes(config: config_dict.ConfigDict, actor_critic: ActorCri
     """
     c = config.collection.test
     num_envs = min(c.num_envs, num_episodes)
-    env = make_atari_env(config.game, config.env, num_envs, train=False, seed=env_seed)
+    env = make_env(config, num_envs, train=False, seed=env_seed)
     policy_step = policy_step_fn(actor_critic)
     key = _typed_key(key)
     obs = env.reset()
@@ -197,7 +210,7 @@ def collect_test_episodes(config: config_dict.ConfigDict, actor_critic: ActorCri
         if should_stop():
             raise Interrupted(f"stopped after {sum(x is not None for x in returns)} of {num_episodes} episodes")
         key, key_step = jax.random.split(key)
-        act, hx_cx = policy_step(ac_variables, obs, hx_cx, key_step, c.epsilon)
+        act, hx_cx = policy_step(ac_variables, obs, hx_cx, key_step, c.epsilon, c.temperature)
         act = np.asarray(act)
         step = env.step(act)
         ep_return += step.rew
@@ -242,15 +255,3 @@ def collect_initial(collect: Callable[[int], Any], counts_rew: Callable[[], Sequ
         collect(c.steps_per_epoch)
         num_steps += c.steps_per_epoch
     return num_steps
-
-
-def benchmark_collection(config: config_dict.ConfigDict, num_steps: int) -> float:
-    """Agent steps per second of the training collector, the policy (randomly initialised) acting and the
-    replay dataset filling, after a warm-up that compiles the policy."""
-    actor_critic = ActorCritic.from_config(config, num_actions(config.game, config.env))
-    variables = actor_critic.init(jax.random.key(0), config.env.size)
-    collector = TrainCollector(config, actor_critic, ReplayDataset.from_config(config), jax.random.key(1), 0)
-    collector.collect(variables, collector.num_envs)
-    start = time.perf_counter()
-    collector.collect(variables, num_steps)
-    return num_steps / (time.perf_counter() - start)

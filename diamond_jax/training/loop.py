@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import time
 from typing import Any, Dict, List, Optional
 
@@ -23,11 +24,10 @@ import numpy as np
 from ml_collections import config_dict
 from tqdm import tqdm
 
-from diamond_jax import imagination, scores
+from diamond_jax import envs, imagination, scores
 from diamond_jax.agent import MODEL_NAMES, Agent
 from diamond_jax.data.replay import ReplayDataset
-from diamond_jax.envs import atari
-from diamond_jax.envs.collect import Interrupted, TrainCollector, collect_test_episodes, keep_collecting_initial
+from diamond_jax.envs.collect import Interrupted, TrainCollector, collect_initial, collect_test_episodes
 from diamond_jax.training import parallel, phases, steps
 from diamond_jax.training.agent_checkpoint import save_agent
 from diamond_jax.training.checkpoint import RunCheckpointer
@@ -39,7 +39,11 @@ KEY_INIT, KEY_COLLECT, KEY_EVAL, KEY_IMAGINE = 0, 1, 2, 3
 KEY_MODEL = {"denoiser": 10, "rew_end_model": 11, "actor_critic": 12}
 LOSS = {"denoiser": "loss_denoising", "rew_end_model": "loss_total", "actor_critic": "loss_total"}
 # Fields that may change when a run resumes: they change neither what is computed nor its results.
-RESUMABLE_CHANGES = ("num_devices", "checkpoint.", "training.steps_per_call")
+RESUMABLE_CHANGES = ("num_devices", "checkpoint.", "training.steps_per_call", "training.phase_loop")
+
+
+# TensorBoard tag of the normalised test score, by suite (scores.normalized_score).
+_SCORE_TAG = {"atari100k": "test/human_normalized_score", "minatar": "test/return_above_random"}
 
 
 class Preempted(Exception):
@@ -110,7 +114,7 @@ class Trainer:
         self.mesh = mesh or parallel.make_mesh(config.num_devices)
         for name in MODEL_NAMES:
             parallel.check_batch_size(config[name].training.batch_size, self.mesh, f"{name}.training.batch_size")
-        self.num_actions = atari.num_actions(config.game, config.env)
+        self.num_actions = envs.num_actions(config)
         self.agent = Agent.from_config(config, self.num_actions)
         self.optimizers = {name: steps.optimizer_from_config(config[name]) for name in MODEL_NAMES}
         self.key = jax.random.key(config.seed)
@@ -124,6 +128,9 @@ class Trainer:
         self._last_save = time.monotonic()
         self._save_index = 0
         self._compiled: Dict[Any, Any] = {}
+        self._scan = phases.use_scan(config.training.phase_loop, self.mesh.devices.flat[0].platform)
+        self._started = time.monotonic()
+        self._epochs_at_start: Optional[int] = None
         self._final_results: Optional[Dict[str, Any]] = None
         self._restore_or_start()
 
@@ -185,8 +192,13 @@ class Trainer:
         self.checkpointer.save(self._save_index, self.state, meta)
         self._last_save = time.monotonic()
 
-    def request_stop(self, *_) -> None:
-        logging.warning("Stop requested: the run saves at the next opportunity and exits.")
+    def request_stop(self, signum=None, _frame=None) -> None:
+        if self._stop_requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without saving
+        name = signal.Signals(signum).name if signum else "a stop"
+        _log(logging.WARNING, f"{name} received: the run saves after the update in progress and exits (status "
+             f"75); run the same command to resume." + (" Ctrl-C again to quit without saving."
+                                                         if signum == signal.SIGINT else ""))
         self._stop_requested = True
 
     def _maybe_stop_or_save(self) -> None:
@@ -201,13 +213,14 @@ class Trainer:
     # ---- The schedule.
 
     def run(self) -> Dict[str, Any]:
-        previous = signal.signal(signal.SIGTERM, self.request_stop)
+        previous = {sig: signal.signal(sig, self.request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             while not self.progress.finished:
                 self._run_phase()
             return self._results()
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             self.logger.close()
             self.checkpointer.close()
 
@@ -248,8 +261,9 @@ class Trainer:
         if (p.epoch - 1) % self.config.checkpoint.every_epochs == 0:
             self.save()
 
-    def _collect(self, num_steps: int) -> None:
-        logs = self.collector.collect(self.state["models"]["actor_critic"].variables(), num_steps)
+    def _collect(self, num_steps: int, bar: Optional[tqdm] = None) -> None:
+        logs = self.collector.collect(self.state["models"]["actor_critic"].variables(), num_steps,
+                                      on_step=bar.update if bar is not None else None)
         for episode in logs["episodes"]:
             self.logger.scalars(self.replay.num_steps, {"train/episode_return": episode["return"],
                                                         "train/episode_length": episode["length"]})
@@ -257,28 +271,32 @@ class Trainer:
 
     def _initial_collection(self) -> None:
         t = self.config.collection.train
-        bar = tqdm(total=t.first_epoch.min, desc="Initial collection", unit="step", dynamic_ncols=True)
-        self._collect(t.first_epoch.min)
-        bar.update(t.first_epoch.min)
-        while keep_collecting_initial(self.replay.counts_rew, self.replay.num_steps, t.first_epoch.threshold_rew,
-                                      t.first_epoch.max):
-            self._collect(t.steps_per_epoch)
-            bar.update(t.steps_per_epoch)
+        # The total is first_epoch.min; more steps are collected (the bar grows) while rewards are too rare.
+        bar = _bar(t.first_epoch.min, "Initial collection", "step")
+
+        def collect(num_steps: int) -> None:
+            if bar.n + num_steps > bar.total:
+                bar.total = bar.n + num_steps
+                bar.refresh()
+            self._collect(num_steps, bar)
+
+        collected = collect_initial(collect, lambda: self.replay.counts_rew, self.config)
         bar.close()
-        collected = self.replay.num_steps
         self.progress.num_epochs_collect = (t.num_steps_total - collected) // t.steps_per_epoch
-        logging.info("Initial collection: %d steps, reward counts (-1, 0, +1) %s; %d epochs will collect.",
-                     collected, self.replay.counts_rew.tolist(), self.progress.num_epochs_collect)
+        _log(logging.INFO, f"Initial collection: {collected} steps, reward counts (-1, 0, +1) "
+             f"{self.replay.counts_rew.tolist()}; {self.progress.num_epochs_collect} epochs will collect, "
+             f"{self.num_epochs} in all.")
 
     def _phase_fn(self, name: str, num_steps: int):
         key = (name, num_steps)
         if key not in self._compiled:
             if name == "actor_critic":
                 fn = phases.make_actor_critic_phase(self.agent, self.config, self.optimizers[name], self.mesh,
-                                                    num_steps)
+                                                    num_steps, scan=self._scan)
             else:
                 update = steps.make_update(getattr(self.agent, name).loss, self.optimizers[name])
-                fn = phases.make_model_phase(update, phases.batch_sampler(self.config, name), self.mesh, num_steps)
+                fn = phases.make_model_phase(update, phases.batch_sampler(self.config, name), self.mesh, num_steps,
+                                             scan=self._scan)
             self._compiled[key] = fn
         return self._compiled[key]
 
@@ -289,10 +307,12 @@ class Trainer:
         key = jax.random.fold_in(jax.random.fold_in(self.key, KEY_MODEL[name]), p.epoch)
         if name == "actor_critic" and not p.imagination_started and total > 0:
             self._start_imagination(replay)
-        bar = tqdm(total=total, initial=p.phase_step, desc=f"Epoch {p.epoch}/{self.num_epochs} {name}",
-                   unit="update", dynamic_ncols=True)
+        bar = _bar(total, f"Epoch {p.epoch}/{self.num_epochs} {name}", "update", initial=p.phase_step)
+        bar.set_postfix_str(self._run_eta(), refresh=False)
+        losses, started = [], time.monotonic()
         while p.phase_step < total:
-            n = min(self.config.training.steps_per_call, total - p.phase_step)
+            # Without scan (CPU), each call is one update: stops, saves and the bar act after every update.
+            n = min(self.config.training.steps_per_call, total - p.phase_step) if self._scan else 1
             fn = self._phase_fn(name, n)
             model = self.state["models"][name]
             first = jnp.int32(p.phase_step)
@@ -312,11 +332,34 @@ class Trainer:
             if name == "actor_critic":
                 self.state["imagined"] = imagined
             p.phase_step += n
-            self.logger.scalars(int(model.step), phases.mean_metrics(metrics), prefix=f"{name}/train/")
+            means = phases.mean_metrics(metrics)
+            losses.append((n, means[LOSS[name]]))
+            self.logger.scalars(int(model.step), means, prefix=f"{name}/train/")
             bar.update(n)
+            bar.set_postfix_str(f"{LOSS[name]}={means[LOSS[name]]:.4g}, {self._run_eta()}", refresh=False)
             if p.phase_step < total:
                 self._maybe_stop_or_save()
         bar.close()
+        if losses:
+            done = sum(n for n, _ in losses)
+            mean = sum(n * v for n, v in losses) / done
+            _log(logging.INFO, f"Epoch {p.epoch}/{self.num_epochs} {name}: {done} updates in "
+                 f"{time.monotonic() - started:.1f} s, mean {LOSS[name]} {mean:.5g}; {self._run_eta()}")
+
+    def _run_eta(self) -> str:
+        """Where the run stands and its time left, extrapolated from the epochs after the first (which trains
+        far longer) that this process has finished."""
+        p = self.progress
+        if p.num_epochs_collect is None:
+            return "run: initial collection"
+        if self._epochs_at_start is None and p.epoch >= 2:
+            self._epochs_at_start, self._started = p.epoch, time.monotonic()
+        done = p.epoch - self._epochs_at_start if self._epochs_at_start is not None else 0
+        if done < 1:
+            return f"run: epoch {p.epoch}/{self.num_epochs}"
+        per_epoch = (time.monotonic() - self._started) / done
+        left = per_epoch * (self.num_epochs - p.epoch + 1)
+        return f"run: epoch {p.epoch}/{self.num_epochs}, {_duration(left)} left"
 
     def _start_imagination(self, replay) -> None:
         variables = {name: self.state["models"][name].variables() for name in MODEL_NAMES}
@@ -360,6 +403,7 @@ class Trainer:
     def _record_evaluation(self, result: Dict[str, List], final: bool) -> None:
         p = self.progress
         mean = float(np.mean(result["returns"]))
+        suite = scores.suite_of(self.config.env)
         record = {"epoch": p.epoch, "env_steps": self.replay.num_steps, "returns": result["returns"],
                   "lengths": result["lengths"], "mean_return": mean, "final": final}
         if self.is_writer:
@@ -367,21 +411,24 @@ class Trainer:
         self.logger.scalars(self.replay.num_steps, {
             "test/return_mean": mean, "test/return_std": float(np.std(result["returns"])),
             "test/length_mean": float(np.mean(result["lengths"])),
-            "test/human_normalized_score": scores.human_normalized_score(self.config.game, mean)})
-        logging.info("Evaluation at epoch %d: mean return %.2f over %d episodes", p.epoch, mean,
-                     len(result["returns"]))
+            _SCORE_TAG[suite]: scores.normalized_score(suite, self.config.game, mean)})
+        _log(logging.INFO, f"{'Final evaluation' if final else 'Evaluation'} at epoch {p.epoch}: mean return "
+             f"{mean:.2f} over {len(result['returns'])} episodes")
 
     def _final_evaluation(self) -> None:
         self._save_agent()
         result = self._test_episodes(self.config.collection.test.num_final_episodes)
         self._record_evaluation(result, final=True)
         mean = float(np.mean(result["returns"]))
+        suite = scores.suite_of(self.config.env)
         results = {
-            "game": self.config.game, "seed": self.config.seed, "env_steps": self.replay.num_steps,
+            "suite": suite, "game": self.config.game, "seed": self.config.seed, "env_steps": self.replay.num_steps,
             "max_episode_steps": self.config.env.max_episode_steps, "returns": result["returns"],
             "lengths": result["lengths"], "mean_return": mean,
-            "human_normalized_score": scores.human_normalized_score(self.config.game, mean),
+            "normalized_score": scores.normalized_score(suite, self.config.game, mean),
         }
+        if suite == "atari100k":
+            results["human_normalized_score"] = results["normalized_score"]
         self._final_results = results
         if self.is_writer:
             tmp = os.path.join(self.workdir, "results.json.tmp")
@@ -394,6 +441,22 @@ class Trainer:
             with open(os.path.join(self.workdir, "results.json")) as f:
                 self._final_results = json.load(f)
         return self._final_results
+
+
+def _bar(total: int, desc: str, unit: str, initial: int = 0) -> tqdm:
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, leave=False)
+
+
+def _log(level: int, message: str) -> None:
+    """A log line that does not glue onto a progress bar: tqdm clears and redraws its bars around it."""
+    with tqdm.external_write_mode(file=sys.stderr):
+        logging.log(level, message)
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
 
 
 def _append_evaluation(path: str, record: Dict[str, Any]) -> None:

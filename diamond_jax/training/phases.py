@@ -1,5 +1,10 @@
-"""The three training phases as compiled programs: `steps_per_call` updates in one `lax.scan`, each update
-sampling its own batch from the replay dataset on the device, so that no batch crosses the host.
+"""The three training phases as compiled programs, each update sampling its own batch from the replay dataset
+on the device, so that no batch crosses the host.
+
+A compiled call runs either `steps_per_call` updates in one `lax.scan` (GPU, TPU: one launch for many updates)
+or one update without any loop (CPU). XLA's CPU backend differentiates convolutions inside a loop 10-70x
+slower than outside one (one 3x3 convolution's gradient: 0.32 s alone, 23 s inside `lax.scan(length=1)`), so
+on a CPU the host loops over single-update calls, which run at the rate of a lone jitted update.
 
 Every update's key is fold_in(phase key, update index): the same updates draw the same numbers however the
 phase is cut into calls, which is what lets a resumed run match an uninterrupted one exactly.
@@ -47,7 +52,25 @@ def initial_conditions_sampler(config, num_rows: int) -> Callable[[DeviceReplay,
     return sample
 
 
-def make_model_phase(update, sample_batch, mesh: Mesh, num_steps: int):
+def use_scan(phase_loop: str, platform: str) -> bool:
+    """Whether a compiled call loops over its updates with `lax.scan` (config.training.phase_loop)."""
+    if phase_loop == "auto":
+        return platform != "cpu"
+    return phase_loop == "scan"
+
+
+def _updates(body, carry, num_steps: int, scan: bool):
+    """body(carry, i) for i < num_steps, outputs stacked: a `lax.scan`, or (scan=False, one update) the body
+    alone, its outputs given the scan's leading axis so that callers see one layout."""
+    if scan:
+        return jax.lax.scan(body, carry, jnp.arange(num_steps))
+    if num_steps != 1:
+        raise ValueError(f"a phase without scan runs one update per call, not {num_steps}")
+    carry, out = body(carry, jnp.int32(0))
+    return carry, jax.tree.map(lambda x: x[None], out)
+
+
+def make_model_phase(update, sample_batch, mesh: Mesh, num_steps: int, scan: bool = True):
     """chunk(state, replay, key, first_step) -> (state, metrics stacked over num_steps updates)."""
     rep, data = parallel.replicated(mesh), parallel.data_sharded(mesh)
 
@@ -57,12 +80,12 @@ def make_model_phase(update, sample_batch, mesh: Mesh, num_steps: int):
             batch = jax.lax.with_sharding_constraint(sample_batch(replay, key_sample), data)
             return update(state, batch, key_update)
 
-        return jax.lax.scan(body, state, jnp.arange(num_steps))
+        return _updates(body, state, num_steps, scan)
 
     return jax.jit(chunk, in_shardings=(rep, rep, rep, rep), out_shardings=(rep, rep), donate_argnums=(0,))
 
 
-def make_actor_critic_phase(agent: Agent, config, optimizer, mesh: Mesh, num_steps: int):
+def make_actor_critic_phase(agent: Agent, config, optimizer, mesh: Mesh, num_steps: int, scan: bool = True):
     """chunk(state, imagined, world_model, replay, key, first_step) -> (state, imagined, metrics): updates of
     the actor-critic, each through one imagined rollout continuing the imagined environments' state."""
     rep, data = parallel.replicated(mesh), parallel.data_sharded(mesh)
@@ -82,7 +105,7 @@ def make_actor_critic_phase(agent: Agent, config, optimizer, mesh: Mesh, num_ste
             state, metrics, imagined = update(state, inputs, key_update)
             return (state, jax.lax.with_sharding_constraint(imagined, data)), metrics
 
-        (state, imagined), metrics = jax.lax.scan(body, (state, imagined), jnp.arange(num_steps))
+        (state, imagined), metrics = _updates(body, (state, imagined), num_steps, scan)
         return state, imagined, metrics
 
     return jax.jit(chunk, in_shardings=(rep, data, rep, rep, rep, rep), out_shardings=(rep, data, rep),

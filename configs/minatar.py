@@ -1,0 +1,123 @@
+"""DIAMOND on JAX-native pixel games (gymnax): bsuite's Catch and the five MinAtar games, sized for a CPU.
+
+    python -m diamond_jax.main --config=configs/minatar.py:game=Catch --workdir=runs/minatar/Catch-0
+    python -m diamond_jax.main --config=configs/minatar.py:game=Asterix --config.seed=1 --workdir=runs/minatar/Asterix-1
+    python -m diamond_jax.main --config=configs/minatar.py:game=Catch,debug --workdir=/tmp/smoke
+
+Presets after ':' (comma-separated): `game=<Name>` (Catch, Asterix, Breakout, Freeway, Seaquest, SpaceInvaders;
+default Breakout) and `debug` (tiny models, a few updates: a smoke run). Any field can be overridden with
+`--config.<field>=<value>`.
+
+The algorithm and every number not set below are the Atari paper configuration's (configs/atari100k.py, each
+commented there): the EDM denoiser with its sigma distribution and offset noise, 4 conditioning frames, the
+3-step Euler sampler, horizon 15, gamma 0.985, lambda 0.95, batch 32, the optimisers, epsilon 0.01, the age
+weights. What differs, and why: the games are 10 x 10 grids (Catch 10 x 5), so frames are 10 x 10 instead of
+64 x 64 and the networks are narrower with fewer levels; the budget of environment steps and the updates per
+epoch are cut so that a run fits half an hour (Catch) or two hours (MinAtar) of a 2-core CPU (the Atari
+paper's schedule takes months there); test episodes are many and vectorised (gymnax steps are cheap).
+"""
+
+import importlib.util
+import os
+
+from ml_collections import config_dict
+
+from diamond_jax import config as config_lib
+from diamond_jax import envs
+
+
+def _atari_paper_config() -> config_dict.ConfigDict:
+    """configs/atari100k.py's paper configuration, unlocked (loaded from the file beside this one)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "atari100k.py")
+    spec = importlib.util.spec_from_file_location("_atari100k_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config().unlock()
+
+
+def get_config(arg: str = "") -> config_dict.ConfigDict:
+    presets = config_lib.parse_presets(arg, envs.game_names("gymnax"), "configs/minatar.py",
+                                       "a gymnax game of this config")
+    c = _atari_paper_config()
+    c.game = "Breakout"  # Catch, Asterix, Breakout, Freeway, Seaquest or SpaceInvaders (MinAtar's, not Atari's)
+
+    c.env = config_dict.ConfigDict()
+    c.env.backend = "gymnax"  # diamond_jax.envs.gymnax_env: JAX-native, rendered to RGB with a fixed palette
+    c.env.size = 10  # one pixel per cell of MinAtar's 10 x 10 grid (Catch's 10 x 5: 1 x 2 pixels); Atari: 64
+    c.env.max_episode_steps = 1_000  # agent steps per episode (gymnax's MinAtar default cap)
+    # MinAtar's own default is 0.1; 0 as in the Atari paper configuration (no sticky actions).
+    c.env.repeat_action_probability = 0.0
+
+    t = c.collection.train
+    t.num_steps_total = 20_000  # environment steps of the whole run (Atari: 100k)
+    t.steps_per_epoch = 100  # steps collected per epoch, as Atari
+    t.first_epoch.min = 1_000  # initial collection (Atari: 5,000 to 10,000)
+    t.first_epoch.max = 2_000
+    c.collection.test.num_envs = 16  # test episodes in parallel (Atari: 1); gymnax steps them in one call
+    c.collection.test.num_episodes = 32  # per evaluation (Atari: 4): short episodes, a tighter estimate
+    c.collection.test.num_final_episodes = 256  # at the end (Atari: 100)
+    c.training.num_final_epochs = 10  # training-only epochs at the end (Atari: 50)
+    c.evaluation.every = 5  # evaluate every 5 epochs (Atari: 10), for learning curves with more points
+
+    # Networks: the same architectures, narrower and with fewer levels for 10 x 10 frames. On 2 CPU cores an
+    # update takes about 50 ms (denoiser), 230 ms (reward/end) and 500 ms (actor-critic, 15 imagined steps).
+    im = c.denoiser.inner_model
+    im.cond_channels = 64  # Atari: 256
+    im.depths = (1, 1)  # two U-Net levels, 10 -> 5 (Atari: four levels of 2 blocks, 64 -> 8)
+    im.channels = (16, 16)  # Atari: 64
+    im.attn_depths = (0, 0)
+    r = c.rew_end_model
+    r.lstm_dim = 64  # Atari: 512
+    r.cond_channels = 32  # Atari: 128
+    r.depths = (1, 1)  # Atari: (2, 2, 2, 2)
+    r.channels = (8, 8)  # Atari: 32 per level
+    r.attn_depths = (0, 0)
+    a = c.actor_critic
+    a.lstm_dim = 64  # Atari: 512
+    a.channels = (8, 16)  # Atari: (32, 32, 64, 64)
+    a.down = (1, 0)  # one max-pool, 10 -> 5 (Atari: four, 64 -> 4)
+    for name in ("denoiser", "rew_end_model", "actor_critic"):
+        c[name].training.steps_first_epoch = 500  # updates in the first epoch (Atari: 10k, 10k, 5k)
+        c[name].training.steps_per_epoch = 50  # updates per later epoch (Atari: 400)
+
+    if presets.game == "Catch":
+        # A 9-step game: a smaller budget, so that a run takes under half an hour on 2 cores.
+        t.num_steps_total = 3_000
+        c.training.num_final_epochs = 5
+        for name in ("denoiser", "rew_end_model", "actor_critic"):
+            c[name].training.steps_first_epoch = 300
+
+    if presets.debug:
+        _shrink_for_debug(c)
+    c.game = presets.game or c.game
+
+    config_lib.validate(c)
+    envs.check_env_config(c)
+    return c.lock()
+
+
+def _shrink_for_debug(c: config_dict.ConfigDict) -> None:
+    """Tiny models and a short schedule: the whole loop runs in a minute or two on a 2-core CPU."""
+    c.env.max_episode_steps = 50
+    t = c.collection.train
+    t.num_steps_total, t.steps_per_epoch, t.first_epoch.min, t.first_epoch.max = 120, 20, 60, 100
+    c.collection.test.num_envs = 2
+    c.collection.test.num_episodes = 2
+    c.collection.test.num_final_episodes = 4
+    c.training.num_final_epochs = 1
+    c.training.steps_per_call = 4
+    c.evaluation.every = 2
+    c.denoiser.inner_model.cond_channels = 16
+    c.denoiser.inner_model.depths = (1, 1)
+    c.denoiser.inner_model.channels = (8, 8)
+    c.rew_end_model.lstm_dim = 16
+    c.rew_end_model.cond_channels = 8
+    c.rew_end_model.channels = (8, 8)
+    c.actor_critic.lstm_dim = 16
+    c.actor_critic.channels = (8, 8)
+    c.world_model_env.horizon = 5
+    for name in ("denoiser", "rew_end_model", "actor_critic"):
+        c[name].training.batch_size = 4
+        c[name].training.steps_first_epoch = 8
+        c[name].training.steps_per_epoch = 4
+        c[name].training.lr_warmup_steps = 2
