@@ -28,18 +28,17 @@ from diamond_jax.agent import MODEL_NAMES, Agent
 from diamond_jax.data.replay import ReplayDataset
 from diamond_jax.envs import atari
 from diamond_jax.envs.collect import Interrupted, TrainCollector, collect_test_episodes, keep_collecting_initial
-from diamond_jax.training import parallel, phases, steps
+from diamond_jax.training import paper, parallel, phases, steps
 from diamond_jax.training.agent_checkpoint import save_agent
 from diamond_jax.training.checkpoint import RunCheckpointer
 from diamond_jax.training.logger import RunLogger
+from diamond_jax.training.workdir import open_workdir
 
 PHASES = ("collect", "denoiser", "rew_end_model", "actor_critic", "evaluate")
 # Streams of random numbers, each derived from the seed by folding in its id.
 KEY_INIT, KEY_COLLECT, KEY_EVAL, KEY_IMAGINE = 0, 1, 2, 3
 KEY_MODEL = {"denoiser": 10, "rew_end_model": 11, "actor_critic": 12}
 LOSS = {"denoiser": "loss_denoising", "rew_end_model": "loss_total", "actor_critic": "loss_total"}
-# Fields that may change when a run resumes: they change neither what is computed nor its results.
-RESUMABLE_CHANGES = ("num_devices", "checkpoint.", "training.steps_per_call")
 
 
 class Preempted(Exception):
@@ -63,50 +62,14 @@ class Progress:
     finished: bool = False
 
 
-def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def check_workdir(workdir: str, config: config_dict.ConfigDict) -> None:
-    """Creates the run directory (or checks the config of the run it holds) before anything is computed."""
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_test")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as error:
-        raise OSError(f"--workdir={workdir} is not writable ({error.strerror}). Fix: pick a directory you can "
-                      "write to, e.g. --workdir=runs/<game>-<seed>.") from error
-    path = os.path.join(workdir, "config.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            saved = _flatten(json.load(f))
-        current = _flatten(json.loads(config.to_json_best_effort()))
-        differ = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k)
-                        and not any(k == p or k.startswith(p) for p in RESUMABLE_CHANGES))
-        if differ:
-            details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differ[:8])
-            raise ValueError(f"--workdir={workdir} holds a run with another config ({details}). Fix: resume it "
-                             "with the same config, or start the new run in a new --workdir.")
-    else:
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-        os.replace(tmp, path)
-
-
 class Trainer:
     def __init__(self, config: config_dict.ConfigDict, workdir: str, mesh=None):
         self.config = config
         self.workdir = os.path.abspath(workdir)
-        check_workdir(self.workdir, config)
+        # With several processes (jax.distributed), every process computes the same run (collection is seeded
+        # alike) and process 0 alone writes files; orbax coordinates the processes for checkpoints itself.
+        self.is_writer = jax.process_index() == 0
+        self.lock = open_workdir(self.workdir, config, lock=self.is_writer)
         self.mesh = mesh or parallel.make_mesh(config.num_devices)
         for name in MODEL_NAMES:
             parallel.check_batch_size(config[name].training.batch_size, self.mesh, f"{name}.training.batch_size")
@@ -116,9 +79,6 @@ class Trainer:
         self.key = jax.random.key(config.seed)
         self.rep, self.data = parallel.replicated(self.mesh), parallel.data_sharded(self.mesh)
         self.checkpointer = RunCheckpointer(os.path.join(self.workdir, "checkpoints"), config.checkpoint.keep)
-        # With several processes (jax.distributed), every process computes the same run (collection is seeded
-        # alike) and process 0 alone writes files; orbax coordinates the processes for checkpoints itself.
-        self.is_writer = jax.process_index() == 0
         self.logger = RunLogger(self.workdir, enabled=self.is_writer)
         self._stop_requested = False
         self._last_save = time.monotonic()
@@ -208,8 +168,14 @@ class Trainer:
             return self._results()
         finally:
             signal.signal(signal.SIGTERM, previous)
-            self.logger.close()
-            self.checkpointer.close()
+            self.close()
+
+    def close(self) -> None:
+        """Closes the files and releases the run directory for the next run."""
+        self.logger.close()
+        self.checkpointer.close()
+        if self.lock is not None:
+            self.lock.release()
 
     @property
     def num_epochs(self) -> int:
@@ -381,6 +347,7 @@ class Trainer:
             "max_episode_steps": self.config.env.max_episode_steps, "returns": result["returns"],
             "lengths": result["lengths"], "mean_return": mean,
             "human_normalized_score": scores.human_normalized_score(self.config.game, mean),
+            **paper.marker(self.config),
         }
         self._final_results = results
         if self.is_writer:
