@@ -57,6 +57,22 @@ def event_tags(path):
     return tags
 
 
+def scalar_events(workdir):
+    """(tag, step, value) of every scalar the run logged, and the number of event files."""
+    paths = glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
+    events = []
+    for path in paths:
+        with open(path, "rb") as f:
+            data = f.read()
+        i = 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+            events += [(v.tag, event.step, v.simple_value) for v in event.summary.value if v.HasField("simple_value")]
+            i += 12 + n + 4
+    return sorted(events), len(paths)
+
+
 def replay_contents(replay: ReplayDataset):
     return [replay.episode(i) for i in range(replay.num_episodes)]
 
@@ -107,8 +123,10 @@ def test_a_run_trains_evaluates_checkpoints_and_writes_results(reference_run):
 def test_a_finished_run_is_not_trained_again(reference_run):
     workdir, results = reference_run
     before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+    events = scalar_events(workdir)
     assert loop.Trainer(debug_config(), workdir).run() == results
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
+    assert scalar_events(workdir) == events  # and no empty event file beside it
 
 
 class StopsAfter(loop.Trainer):
@@ -136,6 +154,10 @@ def test_killed_and_resumed_equals_uninterrupted(reference_run, tmp_path, stop_a
     chex.assert_trees_all_equal(got[0], want[0])
     for a, b in zip(replay_contents(got[1]), replay_contents(want[1]), strict=True):
         chex.assert_trees_all_equal(a, b)
+    # TensorBoard shows what the uninterrupted run logged: no step twice, one event file.
+    events, files = scalar_events(workdir)
+    assert (events, files) == scalar_events(reference_run[0]) and files == 1
+    assert ("denoiser/train/env_steps", 4, 100.0) in events  # after the initial collection's 100 steps
 
 
 class StopsDuringFinalEvaluation(loop.Trainer):

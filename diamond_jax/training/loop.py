@@ -1,4 +1,4 @@
-"""The epoch schedule of DIAMOND (SPEC section 7) with checkpoints, resume and evaluation.
+"""The epoch schedule of DIAMOND with checkpoints, resume and evaluation.
 
 Epoch 0 is the initial collection. Each later epoch collects `steps_per_epoch` steps (while the budget
 lasts), then trains the denoiser, the reward/end model and the actor-critic, and every `evaluation.every`
@@ -125,6 +125,11 @@ class Trainer:
         if self.collector.num_steps != self.replay.num_steps:
             raise RuntimeError(f"the checkpoint's collector has {self.collector.num_steps} steps but its dataset "
                                f"{self.replay.num_steps}; the run directory {self.workdir} is inconsistent.")
+        # Model summaries are at update steps, collections' at environment steps; evaluations are counted, as
+        # several can share an environment step (the last epochs collect nothing).
+        self.logger.drop_after({**{f"{m}/": int(self.state["models"][m].step) for m in MODEL_NAMES},
+                                "train/": self.replay.num_steps, "counts/": self.replay.num_steps},
+                               {"test/": self.progress.num_evaluations, "imagination/": self.progress.num_evaluations})
         logging.info("Resumed %s from checkpoint %d: epoch %d, phase %s, update %d", self.workdir,
                      index, self.progress.epoch, self.progress.phase, self.progress.phase_step)
 
@@ -278,7 +283,9 @@ class Trainer:
             if name == "actor_critic":
                 self.state["imagined"] = imagined
             p.phase_step += n
-            self.logger.scalars(int(model.step), phases.mean_metrics(metrics), prefix=f"{name}/train/")
+            # Environment steps beside the losses: their x-axis is the model's updates, the returns' env steps.
+            self.logger.scalars(int(model.step), {**phases.mean_metrics(metrics), "env_steps": self.replay.num_steps},
+                                prefix=f"{name}/train/")
             bar.update(n)
             if p.phase_step < total:
                 self._maybe_stop_or_save()
