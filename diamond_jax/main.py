@@ -72,6 +72,18 @@ def _parse_flags(argv):
     sys.exit(EXIT_BAD_INPUT)
 
 
+class _AboveBars:
+    """The log's stream: each line goes above tqdm's progress bars instead of onto the end of a bar's line."""
+
+    def write(self, text: str) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(text, file=sys.stderr, end="")
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def _quiet_orbax(record) -> bool:
     """orbax logs every step of every save at INFO; keep its warnings and errors only."""
     return "orbax" not in record.pathname or record.levelno >= 30
@@ -110,6 +122,7 @@ def main(argv) -> None:
               "to see them.", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
     logging.get_absl_handler().addFilter(_quiet_orbax)
+    logging.get_absl_handler().python_handler.stream = _AboveBars()
     if _PLATFORM.value:
         os.environ["JAX_PLATFORMS"] = _PLATFORM.value
     # Imported here so that the platform choice above is made before JAX starts.

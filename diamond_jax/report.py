@@ -349,8 +349,8 @@ def render_markdown(report: Report, plots: list[str]) -> str:
     if compare:
         lines += ["| Game | Seeds | Mean return | HNS | DIAMOND return | DIAMOND HNS |",
                   "|---|---:|---:|---:|---:|---:|"]
-        lines += [f"| {_game_label(r)} | {r.seeds} | {r.mean_return:.1f} | {r.hns:.3f} | {r.published_mean_return:.1f} | "
-                  f"{r.published_hns:.3f} |" for r in report.rows]
+        lines += [f"| {_game_label(r)} | {r.seeds} | {r.mean_return:.1f} | {r.hns:.3f} | "
+                  f"{r.published_mean_return:.1f} | {r.published_hns:.3f} |" for r in report.rows]
     else:
         lines += ["| Game | Seeds | Mean return | HNS |", "|---|---:|---:|---:|"]
         lines += [f"| {r.game} | {r.seeds} | {r.mean_return:.1f} | {r.hns:.3f} |" for r in report.rows]

@@ -341,8 +341,8 @@ class Trainer:
             "test/return_mean": mean, "test/return_std": float(np.std(result["returns"])),
             "test/length_mean": float(np.mean(result["lengths"])),
             "test/human_normalized_score": scores.human_normalized_score(self.config.game, mean)})
-        logging.info("Evaluation at epoch %d: mean return %.2f over %d episodes", p.epoch, mean,
-                     len(result["returns"]))
+        logging.info("%s at epoch %d: mean return %.2f over %d episodes", "Final evaluation" if final else "Evaluation",
+                     p.epoch, mean, len(result["returns"]))
 
     def _final_evaluation(self) -> None:
         self._save_agent()

@@ -31,6 +31,8 @@ def differences(config: config_dict.ConfigDict) -> List[str]:
     outside Atari 100k (a config of another benchmark, where the comparison means nothing)."""
     if config.get("game") not in ATARI_100K_GAMES:
         return ["game"]
+    if not os.path.exists(PAPER_CONFIG_FILE):  # an installed copy without the repository's configs/
+        return [f"(unknown: no {PAPER_CONFIG_FILE} to compare with)"]
     changes = config_changes(config_as_flat_dict(paper_config(config.game)), config_as_flat_dict(config))
     return [k for k in changes if not any(matches(k, p) for p in FREE_FIELDS)]
 
