@@ -83,6 +83,9 @@ class _AboveBars:
     def flush(self) -> None:
         sys.stderr.flush()
 
+    def close(self) -> None:
+        """logging closes its streams at exit; sys.stderr is not this one's to close."""
+
 
 def _quiet_orbax(record) -> bool:
     """orbax logs every step of every save at INFO; keep its warnings and errors only."""
@@ -99,7 +102,8 @@ def _check_platform() -> None:
         jax.devices()
     except (RuntimeError, AssertionError) as error:
         cause = str(error).split("(set JAX_PLATFORMS")[0].strip() or "its jaxlib has no such backend"
-        print(f"error: --platform={platform}: JAX cannot use it ({cause}). Fix: install JAX's {platform} build, "
+        print(f"error: --platform={platform or '(JAX default)'}: JAX cannot use it ({cause}). Fix: install JAX's "
+              f"{platform} build, "
               f"{_INSTALL.get(platform, 'see the README')}; or drop --platform to use the best platform there is.",
               file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)

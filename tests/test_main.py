@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from tqdm import tqdm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -66,3 +67,17 @@ def test_a_platform_jax_was_not_installed_for_says_what_to_install(tmp_path):
     assert 'Fix: install JAX\'s cuda build, pip install -e ".[cuda12]"' in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_log_lines_go_above_an_open_progress_bar(capsys):
+    from diamond_jax import main
+
+    bar = tqdm(total=8, desc="Epoch 1/2 denoiser", file=sys.stderr, dynamic_ncols=False, ncols=80)
+    bar.update(4)
+    main._AboveBars().write("W1201 loop.py:1] Stop requested\n")
+    bar.close()
+    err = capsys.readouterr().err
+    before = err[:err.index("W1201")]
+    # The bar's line is cleared first (back to its start) rather than the log line glued onto its end.
+    assert before.endswith("\r") and "Epoch 1/2 denoiser" in before, repr(err)
+    assert "Epoch 1/2 denoiser" in err[err.index("Stop requested"):]  # and the bar is drawn again below it
