@@ -1,7 +1,13 @@
 from setuptools import find_packages, setup
 
 EXTRAS = {
-    # Reading official PyTorch checkpoints (python -m diamond_jax.convert).
+    # JAX's own accelerator builds (the default jaxlib is CPU-only); pick the one of your machine.
+    "cuda12": ["jax[cuda12]>=0.10"],
+    "cuda13": ["jax[cuda13]>=0.10"],
+    "tpu": ["jax[tpu]>=0.10"],
+    "rocm": ["jax[rocm7-local]>=0.10"],  # JAX ships no ROCm libraries: ROCm 7 must be installed on the machine
+    # Reading official PyTorch checkpoints (python -m diamond_jax.convert). On a machine without a GPU, install
+    # PyTorch's CPU build first (README), or pip brings the CUDA one, several GB.
     "convert": ["torch>=2.1"],
     # Playing inside a world model and writing videos (python -m diamond_jax.play / dream).
     "play": ["pygame>=2.5", "imageio>=2.30", "imageio-ffmpeg>=0.4.9", "matplotlib>=3.7"],

@@ -1,5 +1,5 @@
-"""Benchmark of diamond_jax's hot paths, item by item comparable with the PyTorch reference's
-(shared/tools/ref_bench/bench_torch.py), and the projected wall-clock of one Atari 100k run on this device.
+"""Benchmark of diamond_jax's hot paths, item by item comparable with the same items timed on the official PyTorch
+code (a JSON passed with --reference), and the projected wall-clock of one Atari 100k run on this device.
 
     python -m diamond_jax.benchmark --config=configs/atari100k.py --json=bench.json
     python -m diamond_jax.benchmark --config=configs/atari100k.py --reference=ref.json --json=bench_vs_ref.json
@@ -23,7 +23,7 @@ is our median time over the reference's (< 1: ours is faster). Items, with the p
   collection                  the training collector, policy acting           env steps/s
   sampling                    replay.benchmark_sampling                       segments/s
 
-The projection adds up one run's phases (SPEC section 7) at the measured rates: each model's updates,
+The projection adds up one run's phases at the measured rates: each model's updates,
 batch sampling, collection, evaluation episodes (--eval_episode_steps each) and the updates' compile times.
 """
 

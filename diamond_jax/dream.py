@@ -158,6 +158,9 @@ def plot_psnr(path: Path, values: np.ndarray, title: str) -> None:
             label=f"mean over {len(values)} games")
     ax.set_xlabel("imagined step")
     ax.set_ylabel("PSNR (dB)")
+    # From 0, the PSNR of the largest possible error of uint8 frames: a zoomed-in axis makes small changes
+    # look like large ones.
+    ax.set_ylim(bottom=0)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()

@@ -1,4 +1,4 @@
-"""The world model as an environment, and the actor-critic acting in it (SPEC section 6).
+"""The world model as an environment, and the actor-critic acting in it.
 
 Pure functions, state in and state out, every array with a leading batch axis (one row per imagined
 environment), every random draw from an explicit key. A rollout is one `lax.scan` over the horizon around

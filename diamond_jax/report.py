@@ -7,7 +7,8 @@
 Writes report.md (also printed), per_game.csv, aggregates.csv and PNG plots into --out. Aggregates follow
 rliable (Agarwal et al., 2021), with 95% stratified-bootstrap confidence intervals that resample runs
 within each game: mean and median over games of the per-game mean HNS, interquartile mean (IQM) and
-optimality gap over all runs.
+optimality gap over all runs. Runs whose config is not the paper's (the debug preset, a changed field; as their
+results.json says) are marked as such in every table and plot: their numbers are no results to compare.
 """
 
 import argparse
@@ -52,6 +53,10 @@ class Run:
     seed: int
     mean_return: float
     curve: tuple[tuple[int, float], ...]  # (env_steps, mean test return) of each evaluation during training
+    # Fields in which the run's config differs from the paper's (results.json's differs_from_paper); a
+    # results.json without the paper_config mark, from an older trainer, counts as not the paper's.
+    differs_from_paper: tuple[str, ...] = ()
+    paper_config: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +67,7 @@ class GameRow:
     hns: float
     published_mean_return: float | None  # None when the report is about the published returns themselves
     published_hns: float | None
+    not_paper_runs: int = 0  # runs of this game whose config is not the paper's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,7 +182,8 @@ def _read_curve(path: Path) -> tuple[tuple[int, float], ...]:
 def load_run(run_dir: Path) -> Run:
     results = _read_results(run_dir / RESULTS)
     return Run(path=run_dir, game=results["game"], seed=results["seed"], mean_return=float(results["mean_return"]),
-               curve=_read_curve(run_dir / EVALUATIONS))
+               curve=_read_curve(run_dir / EVALUATIONS), paper_config=results.get("paper_config") is True,
+               differs_from_paper=tuple(results.get("differs_from_paper") or ()))
 
 
 def load_runs(run_dirs: list[Path]) -> list[Run]:
@@ -267,12 +274,15 @@ def build_report(run_paths: list[str], reps: int, seed: int) -> Report:
         returns.setdefault(run.game, []).append(run.mean_return)
     all_published = scores.diamond_published_returns()
     published = {g: all_published[g] for g in returns}
+    not_paper = [run.game for run in runs if not run.paper_config]
     rows = [GameRow(g, len(r), float(np.mean(r)), scores.human_normalized_score(g, np.mean(r)),
-                    float(np.mean(published[g])), scores.human_normalized_score(g, np.mean(published[g])))
+                    float(np.mean(published[g])), scores.human_normalized_score(g, np.mean(published[g])),
+                    not_paper.count(g))
             for g, r in _in_game_order(returns)]
     published_source = (PUBLISHED if len(returns) == len(ATARI_100K_GAMES)
                         else f"DIAMOND (published, same {len(returns)} games)")
-    aggregates = [aggregate("Ours", hns_by_game(returns), reps, seed),
+    ours = f"Ours ({NOT_PAPER}: {len(not_paper)} of {len(runs)} runs)" if not_paper else "Ours"
+    aggregates = [aggregate(ours, hns_by_game(returns), reps, seed),
                   aggregate(published_source, hns_by_game(published), reps, seed)]
     return Report(rows, aggregates, runs, skipped, reps, seed)
 
@@ -289,6 +299,13 @@ def build_published_report(reps: int, seed: int) -> Report:
 # Outputs.
 
 
+NOT_PAPER = "not the paper's config"
+
+
+def _game_label(row: GameRow) -> str:
+    return f"{row.game} ({NOT_PAPER}: {row.not_paper_runs} of {row.seeds} runs)" if row.not_paper_runs else row.game
+
+
 def _interval(i: Interval) -> str:
     return f"{i.estimate:.3f} [{i.low:.3f}, {i.high:.3f}]"
 
@@ -300,6 +317,11 @@ def render_markdown(report: Report, plots: list[str]) -> str:
     if compare:
         lines += [f"Our {subject.num_runs} finished runs on {subject.num_games} games, next to DIAMOND's published "
                   "returns (Alonso et al., 2024; 5 seeds per game) on the same games.", ""]
+        not_paper = sum(r.not_paper_runs for r in report.rows)
+        if not_paper:
+            lines += [f"**{not_paper} of {subject.num_runs} runs do not use the paper's config** (the debug "
+                      "preset, or changed fields: see Runs below). Their numbers, and every aggregate that "
+                      "includes them, are no results to compare with DIAMOND's.", ""]
     else:
         lines += ["DIAMOND's published returns (Alonso et al., 2024): 26 games x 5 seeds, each a mean over 100 "
                   "test episodes.", ""]
@@ -327,8 +349,8 @@ def render_markdown(report: Report, plots: list[str]) -> str:
     if compare:
         lines += ["| Game | Seeds | Mean return | HNS | DIAMOND return | DIAMOND HNS |",
                   "|---|---:|---:|---:|---:|---:|"]
-        lines += [f"| {r.game} | {r.seeds} | {r.mean_return:.1f} | {r.hns:.3f} | {r.published_mean_return:.1f} | "
-                  f"{r.published_hns:.3f} |" for r in report.rows]
+        lines += [f"| {_game_label(r)} | {r.seeds} | {r.mean_return:.1f} | {r.hns:.3f} | "
+                  f"{r.published_mean_return:.1f} | {r.published_hns:.3f} |" for r in report.rows]
     else:
         lines += ["| Game | Seeds | Mean return | HNS |", "|---|---:|---:|---:|"]
         lines += [f"| {r.game} | {r.seeds} | {r.mean_return:.1f} | {r.hns:.3f} |" for r in report.rows]
@@ -340,23 +362,32 @@ def render_markdown(report: Report, plots: list[str]) -> str:
 
     if compare:
         lines += ["", "## Runs", "", f"Included ({len(report.runs)}):", ""]
-        lines += [f"- `{r.path}`: {r.game}, seed {r.seed}, mean return {r.mean_return:.1f}" for r in report.runs]
+        lines += [f"- `{r.path}`: {r.game}, seed {r.seed}, mean return {r.mean_return:.1f}"
+                  + ("" if r.paper_config else f"; {NOT_PAPER} ({_differences(r)})") for r in report.runs]
         lines += ["", f"Skipped ({len(report.skipped)}):", ""]
         lines += [f"- `{path}`: {why}" for path, why in report.skipped] or ["- none"]
     return "\n".join(lines) + "\n"
+
+
+def _differences(run: Run) -> str:
+    if not run.differs_from_paper:
+        return "its results.json has no paper_config mark"
+    shown = ", ".join(run.differs_from_paper[:6])
+    more = len(run.differs_from_paper) - 6
+    return f"differs in {shown}" + (f" and {more} more field(s)" if more > 0 else "")
 
 
 def write_per_game_csv(report: Report, path: Path) -> None:
     columns = ["game", "seeds", "mean_return", "hns", "above_human"]
     compare = report.rows[0].published_mean_return is not None
     if compare:
-        columns += ["published_mean_return", "published_hns"]
+        columns += ["published_mean_return", "published_hns", "not_paper_config_runs"]
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(columns)
         for r in report.rows:
             row = [r.game, r.seeds, r.mean_return, r.hns, r.hns > 1]
-            writer.writerow(row + ([r.published_mean_return, r.published_hns] if compare else []))
+            writer.writerow(row + ([r.published_mean_return, r.published_hns, r.not_paper_runs] if compare else []))
 
 
 def write_aggregates_csv(report: Report, path: Path) -> None:
@@ -380,7 +411,7 @@ def plot_per_game_hns(report: Report, path: Path) -> None:
     else:
         ax.barh(y, [r.hns for r in report.rows], height=0.6, label=report.aggregates[0].source)
     ax.axvline(1.0, color="black", linestyle="--", linewidth=1, label="human")
-    ax.set_yticks(y, [r.game for r in report.rows])
+    ax.set_yticks(y, [_game_label(r) for r in report.rows])
     ax.invert_yaxis()
     ax.set_xlabel("human-normalised score (mean over seeds)")
     ax.legend(loc="lower right")
@@ -423,6 +454,7 @@ def plot_returns_over_steps(report: Report, path: Path) -> bool:
     if not curves:
         return False
     published = {r.game: r.published_mean_return for r in report.rows}
+    labels = {r.game: _game_label(r) for r in report.rows}
     cols = min(4, len(curves))
     rows = math.ceil(len(curves) / cols)
     fig = Figure(figsize=(4 * cols, 3 * rows), layout="constrained")
@@ -430,12 +462,15 @@ def plot_returns_over_steps(report: Report, path: Path) -> bool:
     for ax, (game, runs) in zip(axes, curves.items()):
         for run in runs:
             steps, returns = zip(*run.curve)
-            ax.plot(steps, returns, linewidth=0.8, alpha=0.5, label=f"seed {run.seed}")
+            # A marker on each evaluation: a curve of one evaluation would otherwise draw nothing.
+            ax.plot(steps, returns, linewidth=0.8, alpha=0.5, marker="o", markersize=3,
+                    label=f"seed {run.seed}" + ("" if run.paper_config else f" ({NOT_PAPER})"))
         steps, means = mean_curve([r.curve for r in runs])
         if steps:
-            ax.plot(steps, means, color="black", linewidth=2, label=f"mean of {len(runs)} seeds")
+            ax.plot(steps, means, color="black", linewidth=2, marker="o", markersize=4,
+                    label=f"mean of {len(runs)} seeds")
         ax.axhline(published[game], color="gray", linestyle="--", linewidth=1, label="DIAMOND (published)")
-        ax.set_title(game)
+        ax.set_title(labels[game], fontsize="medium" if labels[game] == game else "small")
         ax.set_xlabel("environment steps")
         ax.set_ylabel("test return")
         ax.legend(fontsize="x-small")

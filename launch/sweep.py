@@ -23,9 +23,11 @@ import sys
 import time
 from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple
 
-from ml_collections import config_dict
+from absl import flags as absl_flags
+from ml_collections import config_dict, config_flags
 
 from configs import atari100k
+from diamond_jax import config as config_lib
 from diamond_jax.envs.games import ATARI_100K_GAMES
 from diamond_jax.main import EXIT_BAD_INPUT, EXIT_PREEMPTED
 
@@ -116,8 +118,9 @@ def _has_field(config: config_dict.ConfigDict, key: str) -> bool:
 
 
 def parse_overrides(items: Sequence[str], preset: Optional[str]) -> Tuple[str, ...]:
-    """`key=value` -> `--config.key=value`, once the config is known to have the field: a typo would otherwise
-    fail every run of the sweep, on the cluster, one by one."""
+    """`key=value` -> `--config.key=value`, once the config is known to have the field and to accept the values
+    as diamond_jax.main parses and checks them: a bad value would otherwise fail every run of the sweep, on the
+    cluster, one by one."""
     config = atari100k.get_config(preset or "")
     for item in items:
         key, equals, _ = item.partition("=")
@@ -129,7 +132,17 @@ def parse_overrides(items: Sequence[str], preset: Optional[str]) -> Tuple[str, .
         if not _has_field(config, key):
             raise BadInput(f"--config_override={item!r}: the config has no field {key!r}. Fix: use a field of "
                            f"{CONFIG_FILE}, e.g. --config_override=training.num_final_epochs=10")
-    return tuple(f"--config.{item}" for item in items)
+    overrides = tuple(f"--config.{item}" for item in items)
+    # The runs' own parser (the value's type from the config's field) and checks, on a flag set of its own.
+    argv = ["launch.sweep", f"--config={CONFIG_FILE}:{preset or ''}", *overrides]
+    parsed = absl_flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, flag_values=parsed, lock_config=True, sys_argv=argv)
+    try:
+        parsed(argv)
+        config_lib.validate(parsed.config)
+    except (absl_flags.Error, config_lib.ConfigError, ValueError, TypeError) as error:
+        raise BadInput(f"--config_override: {str(error).splitlines()[0]}") from error
+    return overrides
 
 
 def check_root(root: str) -> str:

@@ -59,6 +59,17 @@ def test_videos(result, workdir):
     np.testing.assert_array_equal(np.asarray(result["rollout"].obs[:, 0]).shape, (ROWS, SIZE, SIZE, 3))
 
 
+def test_the_psnr_plot_starts_at_0_db(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    figures = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, path, **_: figures.append(fig))
+    # PSNR around 30 dB: an axis fitted to the data would start near 29.
+    dream.plot_psnr(tmp_path / "psnr.png", np.array([[30.0, 31.0, 29.5], [30.5, math.inf, 30.0]]), "Pong")
+    (ax,) = figures[0].axes
+    assert ax.get_ylim()[0] == 0 and ax.get_ylim()[1] > 31
+
+
 def test_psnr_files(result):
     values = result["psnr"]
     c = result["comparison"]

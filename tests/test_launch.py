@@ -294,6 +294,10 @@ def test_dry_run_prints_every_job_with_its_command_and_starts_nothing(tmp_path, 
     (["--config_override=denoiser.lrr=1"], "the config has no field 'denoiser.lrr'"),
     (["--config_override=seed=3"], "the sweep sets seed for each run. Fix: use --seeds"),
     (["--config_override=training"], "is not key=value"),
+    # Values are parsed and checked as diamond_jax.main does.
+    (["--config_override=env.size=-64"], "--config_override: config.env.size=-64: must be a positive integer. Fix:"),
+    (["--config_override=env.size=abc"], "--config_override: flag --config.env.size=abc: invalid literal for int()"),
+    (["--config_override=world_model_env.sampler.sigma_min=9"], "sigma_min=9.0: must be < sigma_max (5.0)"),
     (["--mem_gb=0"], "--mem_gb=0 is below 1"),
 ])
 def test_bad_input_says_what_to_fix(tmp_path, capsys, flags, message):

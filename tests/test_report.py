@@ -27,13 +27,15 @@ def score_for(hns: float, random_human: tuple[float, float]) -> float:
     return random + hns * (human - random)
 
 
-def write_run(root: Path, game: str, seed: int, mean_return: float, curve_steps=(2000, 4000)) -> Path:
+def write_run(root: Path, game: str, seed: int, mean_return: float, curve_steps=(2000, 4000),
+              differs_from_paper=()) -> Path:
     run = root / f"{game}_s{seed}"
     run.mkdir(parents=True)
     (run / "results.json").write_text(json.dumps({
         "game": game, "seed": seed, "env_steps": 100_000, "max_episode_steps": 27_000,
         "returns": [mean_return - 1.0, mean_return + 1.0], "lengths": [900, 1100],
-        "mean_return": mean_return, "human_normalized_score": None}))
+        "mean_return": mean_return, "human_normalized_score": None, "paper_config": not differs_from_paper,
+        "differs_from_paper": list(differs_from_paper)}))
     (run / "evaluations.jsonl").write_text("".join(
         json.dumps({"epoch": i, "env_steps": s, "returns": [mean_return * i], "lengths": [1000],
                     "mean_return": mean_return * i}) + "\n" for i, s in enumerate(curve_steps, start=1)))
@@ -131,7 +133,8 @@ def test_synthetic_runs_give_hand_computed_report(three_games, tmp_path, capsys)
     per_game = {r["game"]: r for r in read_csv(out / "per_game.csv")}
     assert list(per_game) == ["Boxing", "Freeway", "Pong"]  # the benchmark's order
     assert set(per_game["Pong"]) == {"game", "seeds", "mean_return", "hns", "above_human",
-                                     "published_mean_return", "published_hns"}
+                                     "published_mean_return", "published_hns", "not_paper_config_runs"}
+    assert {r["not_paper_config_runs"] for r in per_game.values()} == {"0"}
     expected = {"Freeway": (14.8, 0.5), "Boxing": (24.1, 2.0), "Pong": ((-20.7 - 3.05) / 2, 0.25)}
     for game, (mean_return, hns) in expected.items():
         assert per_game[game]["seeds"] == "2"
@@ -164,6 +167,47 @@ def test_synthetic_runs_give_hand_computed_report(three_games, tmp_path, capsys)
     assert "| Ours | 3 | 6 | 0.917 [" in markdown
     assert "Included (6):" in markdown and "Skipped (0):" in markdown
     assert "![returns_over_steps](returns_over_steps.png)" in markdown
+    assert "not the paper's config" not in markdown
+
+
+def test_runs_not_in_the_paper_config_are_marked_in_every_table_and_plot(three_games, tmp_path, monkeypatch):
+    # A debug run beside a paper one; and a results.json from before the mark, which cannot vouch for its config.
+    write_run(three_games, "Pong", 2, 3.0, curve_steps=(2000,), differs_from_paper=("env.max_episode_steps",))
+    results = three_games / "Boxing_s0" / "results.json"
+    results.write_text(json.dumps({k: v for k, v in json.loads(results.read_text()).items()
+                                   if k not in ("paper_config", "differs_from_paper")}))
+    figures = {}
+    monkeypatch.setattr(report.Figure, "savefig", lambda fig, path, **_: figures.__setitem__(Path(path).name, fig))
+    out = tmp_path / "out"
+    assert report.main([str(three_games), f"--out={out}", f"--reps={REPS}"]) == 0
+
+    markdown = (out / "report.md").read_text()
+    assert "**2 of 7 runs do not use the paper's config**" in markdown
+    assert "| Ours (not the paper's config: 2 of 7 runs) | 3 | 7 |" in markdown
+    assert "| Boxing (not the paper's config: 1 of 2 runs) | 2 |" in markdown
+    assert "| Pong (not the paper's config: 1 of 3 runs) | 3 |" in markdown
+    assert "| Freeway | 2 |" in markdown
+    assert "Pong, seed 2, mean return 3.0; not the paper's config (differs in env.max_episode_steps)" in markdown
+    assert "Boxing, seed 0, mean return 12.1; not the paper's config (its results.json has no paper_config mark)" \
+        in markdown
+    per_game = {r["game"]: r["not_paper_config_runs"] for r in read_csv(out / "per_game.csv")}
+    assert per_game == {"Boxing": "1", "Freeway": "0", "Pong": "1"}
+    assert read_csv(out / "aggregates.csv")[0]["source"] == "Ours (not the paper's config: 2 of 7 runs)"
+
+    def texts(fig):
+        return {t.get_text() for ax in fig.axes for t in [ax.title, *ax.get_yticklabels()]} | {
+            t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()}
+
+    assert "Pong (not the paper's config: 1 of 3 runs)" in texts(figures["per_game_hns.png"])
+    assert "Ours (not the paper's config: 2 of 7 runs)" in texts(figures["aggregates.png"])
+    curves = figures["returns_over_steps.png"]
+    assert {"Pong (not the paper's config: 1 of 3 runs)", "seed 2 (not the paper's config)"} <= texts(curves)
+    # The debug run was evaluated once: its curve (and Pong's mean, at the one step all seeds share) is a single
+    # point, drawn as a marker.
+    single = {line.get_label(): line.get_marker() for ax in curves.axes for line in ax.get_lines()
+              if len(line.get_xdata()) == 1}
+    assert set(single) == {"seed 2 (not the paper's config)", "mean of 3 seeds"}
+    assert all(marker not in (None, "None", "", " ") for marker in single.values())
 
 
 def test_ragged_seeds_weigh_games_equally_and_pool_runs_for_iqm(three_games):

@@ -4,6 +4,7 @@ a non-finite loss, and a corrupt checkpoint."""
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -40,8 +41,7 @@ def final_state(workdir):
     """The run's last checkpoint (models, imagination state) and its replay dataset."""
     trainer = loop.Trainer(debug_config(), workdir)
     state = jax.device_get(trainer.state)
-    trainer.checkpointer.close()
-    trainer.logger.close()
+    trainer.close()
     return state, trainer.replay, trainer.progress
 
 
@@ -55,6 +55,22 @@ def event_tags(path):
         tags |= {v.tag for v in event_pb2.Event.FromString(data[i + 12:i + 12 + n]).summary.value}
         i += 12 + n + 4
     return tags
+
+
+def scalar_events(workdir):
+    """(tag, step, value) of every scalar the run logged, and the number of event files."""
+    paths = glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
+    events = []
+    for path in paths:
+        with open(path, "rb") as f:
+            data = f.read()
+        i = 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+            events += [(v.tag, event.step, v.simple_value) for v in event.summary.value if v.HasField("simple_value")]
+            i += 12 + n + 4
+    return sorted(events), len(paths)
 
 
 def replay_contents(replay: ReplayDataset):
@@ -77,6 +93,8 @@ def test_a_run_trains_evaluates_checkpoints_and_writes_results(reference_run):
     assert on_disk["game"] == "Breakout" and len(on_disk["returns"]) == config.collection.test.num_final_episodes
     assert on_disk["mean_return"] == pytest.approx(np.mean(on_disk["returns"]))
     assert on_disk["env_steps"] == config.collection.train.num_steps_total
+    # The debug preset's numbers are marked as not the paper's.
+    assert on_disk["paper_config"] is False and "env.max_episode_steps" in on_disk["differs_from_paper"]
     # HNS of Breakout: (score - 1.7) / (30.5 - 1.7).
     assert on_disk["human_normalized_score"] == pytest.approx((on_disk["mean_return"] - 1.7) / 28.8)
     with open(os.path.join(workdir, "evaluations.jsonl")) as f:
@@ -107,8 +125,10 @@ def test_a_run_trains_evaluates_checkpoints_and_writes_results(reference_run):
 def test_a_finished_run_is_not_trained_again(reference_run):
     workdir, results = reference_run
     before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+    events = scalar_events(workdir)
     assert loop.Trainer(debug_config(), workdir).run() == results
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
+    assert scalar_events(workdir) == events  # and no empty event file beside it
 
 
 class StopsAfter(loop.Trainer):
@@ -136,6 +156,11 @@ def test_killed_and_resumed_equals_uninterrupted(reference_run, tmp_path, stop_a
     chex.assert_trees_all_equal(got[0], want[0])
     for a, b in zip(replay_contents(got[1]), replay_contents(want[1]), strict=True):
         chex.assert_trees_all_equal(a, b)
+    # TensorBoard shows what the uninterrupted run logged: no step twice, one event file.
+    events, files = scalar_events(workdir)
+    assert (events, files) == scalar_events(reference_run[0]) and files == 1
+    # The first denoiser call comes after the initial collection (100 steps) and epoch 1's collection (20).
+    assert ("denoiser/train/env_steps", 4, 120.0) in events
 
 
 class StopsDuringFinalEvaluation(loop.Trainer):
@@ -186,7 +211,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
     resumed = loop.Trainer(config, workdir)
     assert (resumed.progress.epoch, resumed.progress.phase) == (1, "collect")
     assert resumed.replay.num_steps == config.collection.train.first_epoch.max
-    resumed.checkpointer.close()
+    resumed.close()
 
 
 def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(reference_run, tmp_path, caplog):
@@ -207,12 +232,124 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(reference_ru
     chex.assert_trees_all_equal(final_state(workdir)[0], final_state(reference_run[0])[0])
 
 
+def truncate_largest_array_file(checkpoint):
+    """A checkpoint cut short, as a crash or a full disk during a copy leaves it: its largest data file loses
+    its end."""
+    files = [p for p in glob.glob(os.path.join(checkpoint, "state", "**", "d", "*"), recursive=True)
+             if os.path.isfile(p)]
+    largest = max(files, key=os.path.getsize)
+    os.truncate(largest, os.path.getsize(largest) // 4)
+
+
+def test_a_truncated_checkpoint_is_reported_in_one_line_on_resume(reference_run, tmp_path):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(reference_run[0], workdir)
+    os.remove(os.path.join(workdir, "results.json"))
+    checkpoints = os.path.join(workdir, "checkpoints")
+    indices = sorted(int(d) for d in os.listdir(checkpoints) if d.isdigit())
+    truncate_largest_array_file(os.path.join(checkpoints, str(indices[-1])))
+    command = [sys.executable, "-m", "diamond_jax.main", "--config=configs/atari100k.py:debug", f"--workdir={workdir}"]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in process.stderr:  # up to the line that says where the run resumed; then stop it
+        lines.append(line.rstrip("\n"))
+        if "Resumed" in line or len(lines) > 200:
+            break
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=300)
+    messages = [line.split("] ", 1)[-1] for line in lines]
+    assert messages[-1].startswith(f"Resumed {workdir} from checkpoint {indices[-2]}:"), lines[-20:]
+    unreadable = [m for m in messages if "is unreadable" in m]
+    assert len(unreadable) == 1 and unreadable[0].startswith(
+        f"Checkpoint {checkpoints}/{indices[-1]} is unreadable (ValueError: "), lines
+    assert "Error reading" in unreadable[0] and "TensorStore" not in unreadable[0]  # TensorStore's cause, not its spec
+    assert unreadable[0].endswith(f"; using checkpoint {indices[-2]}, the newest readable one.")
+    assert len(lines) <= 6, lines  # the TPU probe, the line above, where the run resumed: no library's output
+
+
+DISK_FULL_RUN = """
+import runpy, sys
+import orbax.checkpoint as ocp
+
+def save(self, *args, **kwargs):
+    # What a full disk looks like from orbax: TensorStore's threads print their tracebacks, then the save
+    # raises TensorStore's error, whose text alone names the cause.
+    for i in range(300):
+        print(f"Traceback (most recent call last): event loop {i}", file=sys.stderr)
+    raise ValueError('RESOURCE_EXHAUSTED: Error writing local file "x": [OS error 28: No space left on device]')
+
+ocp.CheckpointManager.save = save
+sys.argv = ["diamond_jax.main"] + sys.argv[1:]
+runpy.run_module("diamond_jax.main", run_name="__main__")
+"""
+
+
+def test_a_full_disk_stops_the_run_with_one_line_naming_the_path_and_the_free_space(tmp_path):
+    workdir = str(tmp_path / "run")
+    result = subprocess.run([sys.executable, "-c", DISK_FULL_RUN, "--config=configs/atari100k.py:debug",
+                             f"--workdir={workdir}"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    free_mib = shutil.disk_usage(workdir).free / 2 ** 20
+    match = re.fullmatch(rf"error: no space left on the device writing {re.escape(workdir)}/checkpoints "
+                         r"\((\d+\.\d) MiB free on its file system\)\. The run stopped; .* Fix: free some space "
+                         r"there, or move --workdir to a larger disk, then run the same command to resume\.", last)
+    assert match, last
+    assert float(match.group(1)) == pytest.approx(free_mib, abs=64)  # other processes write meanwhile
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("change, match", [
-    ({"denoiser.optimizer.lr": 3e-4}, "holds a run with another config .*denoiser.optimizer.lr"),
+    ({"denoiser.inner_model.channels": (16, 16)}, r"another config \(denoiser.inner_model.channels: \[8, 8\] -> "
+                                                   r"\[16, 16\]\)"),
+    ({"game": "Pong"}, r"another config \(game: 'Breakout' -> 'Pong'\)"),
+    ({"seed": 1, "denoiser.optimizer.lr": 3e-4}, r"another config \(seed: 0 -> 1\)\. A resume may change only"),
 ])
-def test_resuming_with_another_config_is_refused(reference_run, change, match):
+def test_resuming_with_another_model_game_or_seed_is_refused(reference_run, change, match):
     with pytest.raises(ValueError, match=match):
         loop.Trainer(debug_config(**change), reference_run[0])
+
+
+def test_a_stopped_run_resumes_with_a_new_learning_rate_which_takes_effect(tmp_path, caplog):
+    workdir = str(tmp_path)
+    with pytest.raises(loop.Preempted):
+        StopsAfter(debug_config(), workdir, stop_after=1).run()
+    # The advice after a non-finite loss, followed the other way round: a learning rate that no update survives
+    # shows that the resumed run trains with the new rate, not with the one its optimiser state was made with.
+    config = debug_config(**{"denoiser.optimizer.lr": 1e30, "rew_end_model.training.max_grad_norm": 5.0})
+    trainer = loop.Trainer(config, workdir)
+    notes = [r.getMessage() for r in caplog.records if "changed config" in r.getMessage()]
+    assert notes == [f"Resuming {workdir} with a changed config: denoiser.optimizer.lr: 0.0001 -> 1e+30, "
+                     "rew_end_model.training.max_grad_norm: 100.0 -> 5.0."]
+    with pytest.raises(loop.NonFiniteLoss, match="The denoiser loss became"):
+        trainer.run()
+    # The snapshot now holds the new values: resuming again with them needs no note.
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["denoiser"]["optimizer"]["lr"] == 1e30
+
+
+def test_a_second_run_in_the_same_workdir_is_refused_while_the_first_lives(tmp_path):
+    workdir = str(tmp_path / "run")
+    first = loop.Trainer(debug_config(), workdir)
+    command = [sys.executable, "-m", "diamond_jax.main", "--config=configs/atari100k.py:debug", f"--workdir={workdir}"]
+    second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 2, second.stderr[-3000:]
+    assert f"--workdir={workdir} is in use by another run (pid {os.getpid()} on host " in second.stderr
+    assert "Traceback" not in second.stderr
+    first.close()
+    # Released: the next run takes the directory.
+    loop.Trainer(debug_config(), workdir).close()
+
+
+def test_a_lock_left_by_a_killed_run_is_reported_and_taken_over(tmp_path, caplog):
+    workdir = str(tmp_path / "run")
+    os.makedirs(workdir)
+    # What a run killed with SIGKILL leaves: its text, and no lock (the kernel released it with the process).
+    with open(os.path.join(workdir, "run.lock"), "w") as f:
+        f.write("pid 999999 on host elsewhere, started 2026-01-01T00:00:00+00:00")
+    loop.Trainer(debug_config(), workdir).close()
+    assert any("Stale lock" in r.getMessage() and "pid 999999 on host elsewhere" in r.getMessage()
+               for r in caplog.records)
 
 
 def test_an_unwritable_workdir_fails_before_training(tmp_path):

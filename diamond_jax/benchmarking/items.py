@@ -1,7 +1,7 @@
 """The benchmark items: what each one runs, on random data shaped like the real data, placed on the mesh as the
 training loop places it (state replicated, batch split over the devices), state donated.
 
-Data are as in the reference benchmark (shared/tools/ref_bench/bench_torch.py): frames are random uint8 pixels
+Data are as in the benchmark of the official PyTorch code we compare with: frames are random uint8 pixels
 mapped to [-1, 1], actions uniform, rewards in {-1, 0, 1}, no padding and no ends in training segments.
 """
 

@@ -108,7 +108,7 @@ def _precision_notes(ref_meta: Dict[str, Any], matmul_precision: str) -> List[st
 
 
 def schedule(config: config_dict.ConfigDict) -> Dict[str, Any]:
-    """What one run does, by SPEC section 7 and the official trainer: an initial collection of first_epoch.min
+    """What one run does, by the official trainer: an initial collection of first_epoch.min
     steps (assuming the reward threshold is met by then), one epoch per steps_per_epoch further steps until
     the budget, then num_final_epochs; the first epoch makes steps_first_epoch updates of each model, every
     later one steps_per_epoch; 4 test episodes every `evaluation.every` epochs and the final ones at the end."""

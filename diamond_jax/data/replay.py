@@ -1,4 +1,4 @@
-"""The replay dataset (SPEC section 2): episodes stored whole, a mirror on the JAX device, segment sampling
+"""The replay dataset: episodes stored whole, a mirror on the JAX device, segment sampling
 as a pure JAX function, and incremental, crash-safe persistence.
 
 Layout. Episodes live in per-env lanes, so that storage stays append-only while several envs collect at

@@ -1,4 +1,4 @@
-"""Atari environments over envpool with DIAMOND's preprocessing (SPEC section 1).
+"""Atari environments over envpool with DIAMOND's preprocessing.
 
 Every preprocessing option of envpool is set explicitly from `config.env`, because envpool's defaults
 (84x84 grayscale, a stack of 4 frames, fire reset) are not DIAMOND's. Options with no config field are

@@ -1,4 +1,4 @@
-"""Collecting real experience with the actor-critic (SPEC sections 2 and 7).
+"""Collecting real experience with the actor-critic.
 
 - `policy_step_fn(actor_critic)`: the jitted acting step, sampling at a temperature, with epsilon-greedy.
 - `TrainCollector`: the training envs, persistent across epochs; each `collect` call adds its steps to the
@@ -238,7 +238,7 @@ def collect_test_episodes(config: config_dict.ConfigDict, actor_critic: ActorCri
 
 
 def keep_collecting_initial(counts_rew: Sequence[int], num_steps: int, threshold_rew: int, max_steps: int) -> bool:
-    """The initial-collection rule (SPEC section 2): go on while the two rarest reward classes (by sign)
+    """The initial-collection rule: go on while the two rarest reward classes (by sign)
     together have fewer than threshold_rew steps and fewer than max_steps were collected."""
     return sum(sorted(counts_rew)[:2]) < threshold_rew and num_steps < max_steps
 

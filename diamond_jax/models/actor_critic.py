@@ -1,4 +1,4 @@
-"""The actor-critic (SPEC section 6): a small convolutional encoder, an LSTM cell, policy and value heads
+"""The actor-critic: a small convolutional encoder, an LSTM cell, policy and value heads
 initialised to zero; REINFORCE with a value baseline on lambda-returns, value MSE and an entropy bonus."""
 
 import dataclasses

@@ -1,4 +1,4 @@
-"""The EDM denoiser D(x, sigma | past frames, past actions) of DIAMOND (SPEC section 3).
+"""The EDM denoiser D(x, sigma | past frames, past actions) of DIAMOND.
 
 D = c_skip * x + c_out * F(c_in * x, c_noise, obs / sigma_data, act), F the U-Net below. Frames are NHWC
 in [-1, 1]; a batch of past frames is [b, t, h, w, c] and enters F stacked on the channel axis.

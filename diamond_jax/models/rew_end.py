@@ -1,4 +1,4 @@
-"""The reward/termination model (SPEC section 5): an action-conditioned encoder of (obs_t, obs_t+1), an
+"""The reward/termination model: an action-conditioned encoder of (obs_t, obs_t+1), an
 LSTM over time, and heads for 3 reward classes (sign of the reward) and 2 end classes."""
 
 import dataclasses

@@ -1,4 +1,4 @@
-"""The sampler of the next frame (SPEC section 4): Karras schedule, Euler or Heun, optional churn.
+"""The sampler of the next frame: Karras schedule, Euler or Heun, optional churn.
 
 Everything is JAX control flow over a static schedule, so a call traces to one program that can sit inside
 `lax.scan`, `vmap` and `jit`.

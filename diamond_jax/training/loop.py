@@ -1,4 +1,4 @@
-"""The epoch schedule of DIAMOND (SPEC section 7) with checkpoints, resume and evaluation.
+"""The epoch schedule of DIAMOND with checkpoints, resume and evaluation.
 
 Epoch 0 is the initial collection. Each later epoch collects `steps_per_epoch` steps (while the budget
 lasts), then trains the denoiser, the reward/end model and the actor-critic, and every `evaluation.every`
@@ -28,20 +28,17 @@ from diamond_jax import envs, imagination, scores
 from diamond_jax.agent import MODEL_NAMES, Agent
 from diamond_jax.data.replay import ReplayDataset
 from diamond_jax.envs.collect import Interrupted, TrainCollector, collect_initial, collect_test_episodes
-from diamond_jax.training import parallel, phases, steps
+from diamond_jax.training import paper, parallel, phases, steps
 from diamond_jax.training.agent_checkpoint import save_agent
 from diamond_jax.training.checkpoint import RunCheckpointer
 from diamond_jax.training.logger import RunLogger
+from diamond_jax.training.workdir import open_workdir
 
 PHASES = ("collect", "denoiser", "rew_end_model", "actor_critic", "evaluate")
 # Streams of random numbers, each derived from the seed by folding in its id.
 KEY_INIT, KEY_COLLECT, KEY_EVAL, KEY_IMAGINE = 0, 1, 2, 3
 KEY_MODEL = {"denoiser": 10, "rew_end_model": 11, "actor_critic": 12}
 LOSS = {"denoiser": "loss_denoising", "rew_end_model": "loss_total", "actor_critic": "loss_total"}
-# Fields that may change when a run resumes: they change neither what is computed nor its results.
-RESUMABLE_CHANGES = ("num_devices", "checkpoint.", "training.steps_per_call", "training.phase_loop")
-
-
 # TensorBoard tag of the normalised test score, by suite (scores.normalized_score).
 _SCORE_TAG = {"atari100k": "test/human_normalized_score", "minatar": "test/return_above_random"}
 
@@ -67,50 +64,14 @@ class Progress:
     finished: bool = False
 
 
-def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def check_workdir(workdir: str, config: config_dict.ConfigDict) -> None:
-    """Creates the run directory (or checks the config of the run it holds) before anything is computed."""
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_test")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as error:
-        raise OSError(f"--workdir={workdir} is not writable ({error.strerror}). Fix: pick a directory you can "
-                      "write to, e.g. --workdir=runs/<game>-<seed>.") from error
-    path = os.path.join(workdir, "config.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            saved = _flatten(json.load(f))
-        current = _flatten(json.loads(config.to_json_best_effort()))
-        differ = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k)
-                        and not any(k == p or k.startswith(p) for p in RESUMABLE_CHANGES))
-        if differ:
-            details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differ[:8])
-            raise ValueError(f"--workdir={workdir} holds a run with another config ({details}). Fix: resume it "
-                             "with the same config, or start the new run in a new --workdir.")
-    else:
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-        os.replace(tmp, path)
-
-
 class Trainer:
     def __init__(self, config: config_dict.ConfigDict, workdir: str, mesh=None):
         self.config = config
         self.workdir = os.path.abspath(workdir)
-        check_workdir(self.workdir, config)
+        # With several processes (jax.distributed), every process computes the same run (collection is seeded
+        # alike) and process 0 alone writes files; orbax coordinates the processes for checkpoints itself.
+        self.is_writer = jax.process_index() == 0
+        self.lock = open_workdir(self.workdir, config, lock=self.is_writer)
         self.mesh = mesh or parallel.make_mesh(config.num_devices)
         for name in MODEL_NAMES:
             parallel.check_batch_size(config[name].training.batch_size, self.mesh, f"{name}.training.batch_size")
@@ -120,9 +81,6 @@ class Trainer:
         self.key = jax.random.key(config.seed)
         self.rep, self.data = parallel.replicated(self.mesh), parallel.data_sharded(self.mesh)
         self.checkpointer = RunCheckpointer(os.path.join(self.workdir, "checkpoints"), config.checkpoint.keep)
-        # With several processes (jax.distributed), every process computes the same run (collection is seeded
-        # alike) and process 0 alone writes files; orbax coordinates the processes for checkpoints itself.
-        self.is_writer = jax.process_index() == 0
         self.logger = RunLogger(self.workdir, enabled=self.is_writer)
         self._stop_requested = False
         self._last_save = time.monotonic()
@@ -172,6 +130,11 @@ class Trainer:
         if self.collector.num_steps != self.replay.num_steps:
             raise RuntimeError(f"the checkpoint's collector has {self.collector.num_steps} steps but its dataset "
                                f"{self.replay.num_steps}; the run directory {self.workdir} is inconsistent.")
+        # Model summaries are at update steps, collections' at environment steps; evaluations are counted, as
+        # several can share an environment step (the last epochs collect nothing).
+        self.logger.drop_after({**{f"{m}/": int(self.state["models"][m].step) for m in MODEL_NAMES},
+                                "train/": self.replay.num_steps, "counts/": self.replay.num_steps},
+                               {"test/": self.progress.num_evaluations, "imagination/": self.progress.num_evaluations})
         logging.info("Resumed %s from checkpoint %d: epoch %d, phase %s, update %d", self.workdir,
                      index, self.progress.epoch, self.progress.phase, self.progress.phase_step)
 
@@ -221,8 +184,14 @@ class Trainer:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            self.logger.close()
-            self.checkpointer.close()
+            self.close()
+
+    def close(self) -> None:
+        """Closes the files and releases the run directory for the next run."""
+        self.logger.close()
+        self.checkpointer.close()
+        if self.lock is not None:
+            self.lock.release()
 
     @property
     def num_epochs(self) -> int:
@@ -334,7 +303,9 @@ class Trainer:
             p.phase_step += n
             means = phases.mean_metrics(metrics)
             losses.append((n, means[LOSS[name]]))
-            self.logger.scalars(int(model.step), means, prefix=f"{name}/train/")
+            # Environment steps beside the losses: their x-axis is the model's updates, the returns' env steps.
+            self.logger.scalars(int(model.step), {**means, "env_steps": self.replay.num_steps},
+                                prefix=f"{name}/train/")
             bar.update(n)
             bar.set_postfix_str(f"{LOSS[name]}={means[LOSS[name]]:.4g}, {self._run_eta()}", refresh=False)
             if p.phase_step < total:
@@ -426,6 +397,7 @@ class Trainer:
             "max_episode_steps": self.config.env.max_episode_steps, "returns": result["returns"],
             "lengths": result["lengths"], "mean_return": mean,
             "normalized_score": scores.normalized_score(suite, self.config.game, mean),
+            **paper.marker(self.config),
         }
         if suite == "atari100k":
             results["human_normalized_score"] = results["normalized_score"]
