@@ -15,9 +15,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from diamond_jax.config import CPU_DEVICES_HELP
-
-EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: try again later
-EXIT_BAD_INPUT = 2
+from diamond_jax.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_PREEMPTED
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, with presets after ':' (game=<Name>, debug), e.g. configs/atari100k.py:game=Pong. "
@@ -91,7 +89,7 @@ def main(argv) -> None:
         sys.exit(EXIT_PREEMPTED)
     except NonFiniteLoss as error:
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(EXIT_FAILED)
     logging.info("Done: mean return %.2f over %d test episodes, human-normalised score %.3f (%s)",
                  results["mean_return"], len(results["returns"]), results["human_normalized_score"],
                  os.path.join(_WORKDIR.value, "results.json"))
