@@ -6,7 +6,9 @@ epochs plays test episodes. After the last epoch, `num_final_episodes` test epis
 
 Where the run stands is a small record (epoch, phase, updates done in the phase): checkpoints can be taken
 between any two compiled calls, and every random draw is a function of the seed and of that record, so a
-run stopped and resumed computes exactly what it would have computed without the stop.
+run stopped and resumed on the same number of devices computes exactly what it would have computed without
+the stop. The device count changes the order of float sums over the data-parallel batch, so results depend
+on it to float rounding: a run resumed on another count goes on from the same state, not bit-exactly.
 """
 
 import dataclasses
@@ -38,7 +40,8 @@ PHASES = ("collect", "denoiser", "rew_end_model", "actor_critic", "evaluate")
 KEY_INIT, KEY_COLLECT, KEY_EVAL, KEY_IMAGINE = 0, 1, 2, 3
 KEY_MODEL = {"denoiser": 10, "rew_end_model": 11, "actor_critic": 12}
 LOSS = {"denoiser": "loss_denoising", "rew_end_model": "loss_total", "actor_critic": "loss_total"}
-# Fields that may change when a run resumes: they change neither what is computed nor its results.
+# Fields that may change when a run resumes. num_devices changes the order of float sums (see above); the
+# others change nothing that is computed.
 RESUMABLE_CHANGES = ("num_devices", "checkpoint.", "training.steps_per_call")
 
 
