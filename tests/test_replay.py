@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from configs import atari100k
-from diamond_jax.data import replay as replay_lib
-from diamond_jax.data.replay import ReplayDataset, draw_segments, gather_segments, sample_segments
+from diamond_jax.data import files as files_lib, replay as replay_lib
+from diamond_jax.data.replay import ReplayDataset
+from diamond_jax.data.sampling import draw_segments, gather_segments, sample_segments
 from diamond_jax.training import parallel
 
 SHAPE = (2, 3, 3)
@@ -270,7 +271,7 @@ def test_an_interrupted_save_keeps_the_previous_state_loadable(tmp_path, monkeyp
     append_continuing(r, 0, rng, 3, "end")
     append_continuing(r, 1, rng, 2)
 
-    real_write_array = replay_lib._write_array_atomic
+    real_write_array = files_lib.write_array_atomic
 
     def crash_after_one_chunk(path, array):
         real_write_array(path, array)  # one chunk file written in full, a partial one next to it...
@@ -284,9 +285,9 @@ def test_an_interrupted_save_keeps_the_previous_state_loadable(tmp_path, monkeyp
         raise KeyboardInterrupt("killed while saving")
 
     if crash_in == "frames":
-        monkeypatch.setattr(replay_lib, "_write_array_atomic", crash_after_one_chunk)
+        monkeypatch.setattr(files_lib, "write_array_atomic", crash_after_one_chunk)
     else:
-        monkeypatch.setattr(replay_lib, "_write_index_atomic", crash_before_renaming_the_index)
+        monkeypatch.setattr(files_lib, "write_index_atomic", crash_before_renaming_the_index)
     with pytest.raises(KeyboardInterrupt):
         r.save(tmp_path)
     monkeypatch.undo()
@@ -362,3 +363,100 @@ def test_device_mirror_replicated_over_a_mesh():
     for x, y in zip(sample(device, jax.random.key(0), 8, 5, WEIGHTS, True),
                     sample(plain.device_replay(), jax.random.key(0), 8, 5, WEIGHTS, True)):
         np.testing.assert_array_equal(x, y)
+
+
+def two_saves(directory):
+    """Save 1: lane 0 episode 0 (3 steps, ended), lane 1 episode 1 (2 steps, in progress): chunks 0 (lane 0,
+    slots 0-3) and 1 (lane 1, slots 0-2). Save 2: episode 1 goes on 2 steps and ends, lane 0 episode 2
+    (3 steps, in progress), lane 1 episode 3 (2 steps, cut): chunks 2 (lane 0, slots 4-7) and 3 (lane 1,
+    slots 3-7). Returns the dataset and each append's arguments, in order."""
+    rng = np.random.default_rng(20)
+    r = ReplayDataset(2, SHAPE)
+    appends = [(0, random_steps(rng, 3, "end")), (1, random_steps(rng, 2))]
+    for lane, steps in appends:
+        r.append(lane, *steps)
+    r.save(directory)
+    continued = random_steps(rng, 2, "end")
+    continued[0][0] = appends[1][1][5]  # continues from episode 1's current frame
+    later = [(1, continued), (0, random_steps(rng, 3)), (1, random_steps(rng, 2, "trunc"))]
+    for lane, steps in later:
+        r.append(lane, *steps)
+    r.save(directory)
+    return r, appends + later
+
+
+def damage(path, how):
+    if how == "missing":
+        os.remove(path)
+    elif how == "truncated":
+        data = path.read_bytes()
+        path.write_bytes(data[:len(data) // 2])
+    else:  # garbled: the last frame bytes change, the .npy stays readable
+        data = bytearray(path.read_bytes())
+        data[-5:] = bytes(255 - b for b in data[-5:])
+        path.write_bytes(bytes(data))
+
+
+def built_by_hand(episodes):
+    """A dataset made by appends alone: (lane, obs, act, rew, end, trunc, last_obs) per episode, in id order."""
+    r = ReplayDataset(2, SHAPE)
+    for lane, *steps in episodes:
+        r.append(lane, *steps)
+    return r
+
+
+@pytest.mark.parametrize("how", ["missing", "truncated", "garbled"])
+@pytest.mark.parametrize("chunk", [1, 2, 3])
+def test_a_damaged_chunk_is_named_and_the_longest_consistent_prefix_is_kept(tmp_path, caplog, how, chunk):
+    r, appends = two_saves(tmp_path)
+    summary = r.summary()
+    ep = [r.episode(i) for i in range(r.num_episodes)]
+    damage(tmp_path / "frames" / f"{chunk:08d}.npy", how)
+    loaded = ReplayDataset.load(tmp_path, up_to=summary)
+    path = str(tmp_path / "frames" / f"{chunk:08d}.npy")
+    assert path in caplog.text and how in caplog.text.replace("CRC-32 differs", "garbled")
+
+    def whole(e, lane):
+        return (lane, ep[e]["obs"][:-1], ep[e]["act"], ep[e]["rew"], ep[e]["end"], ep[e]["trunc"], ep[e]["obs"][-1])
+
+    if chunk == 1:  # lane 1 from slot 0: episode 1 and every later one are lost
+        expected, lost = built_by_hand([whole(0, 0)]), 4 + 3 + 2
+    elif chunk == 2:  # lane 0 from slot 4: episode 2 is lost, and episode 3, which started after it
+        expected, lost = built_by_hand([whole(0, 0), whole(1, 1)]), 3 + 2
+    else:  # lane 1 from slot 3: episode 1 keeps its first 2 steps and is cut there; episode 3 is lost
+        trunc = np.array([False, True])
+        cut = (1, ep[1]["obs"][:2], ep[1]["act"][:2], ep[1]["rew"][:2], ep[1]["end"][:2], trunc, ep[1]["obs"][2])
+        expected, lost = built_by_hand([whole(0, 0), cut, whole(2, 0)]), 2 + 2  # episode 2 stays in progress
+    assert loaded.num_lost_steps == lost and loaded.num_steps == 12 - lost  # 3 + 4 + 3 + 2 steps saved
+    expected.num_lost_steps = lost
+    assert_same_dataset(expected, loaded)
+    # Collection goes on: a new episode in a cut lane, the episode in progress elsewhere continued.
+    for x in (expected, loaded):
+        append_continuing(x, 1, np.random.default_rng(21), 2, "end")
+        append_continuing(x, 0, np.random.default_rng(22), 1)
+    assert_same_dataset(expected, loaded)
+    # The loss is recorded for good: a save and a load later, the dataset still says so.
+    loaded.save(tmp_path)
+    again = ReplayDataset.load(tmp_path)
+    assert again.num_lost_steps == lost and again.summary()["num_lost_steps"] == lost
+    assert_same_dataset(expected, again)
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbled", "missing"])
+def test_a_damaged_index_is_named_with_the_fix(tmp_path, how):
+    two_saves(tmp_path)
+    index = tmp_path / "index.npz"
+    if how == "missing":
+        os.remove(index)
+        with pytest.raises(FileNotFoundError, match="missing index.npz"):
+            ReplayDataset.load(tmp_path)
+        return
+    data = bytearray(index.read_bytes())
+    if how == "truncated":
+        data = data[:len(data) // 2]
+    else:
+        data[len(data) // 3:len(data) // 3 + 64] = bytes(64)
+    index.write_bytes(bytes(data))
+    with pytest.raises(files_lib.ReplayDamaged, match=f"{index} is damaged.*Fix: restore") as error:
+        ReplayDataset.load(tmp_path)
+    assert "pickle" not in str(error.value)

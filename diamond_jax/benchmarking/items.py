@@ -14,18 +14,14 @@ from ml_collections import config_dict
 
 from diamond_jax import imagination
 from diamond_jax.agent import Agent, AgentVariables
+from diamond_jax.benchmarking import fixtures
 from diamond_jax.benchmarking.timing import Program, next_state, same_args
-from diamond_jax.data import replay
 from diamond_jax.data.batch import Batch, obs_from_frames
 from diamond_jax.envs import collect
 from diamond_jax.imagination import ActorCriticInputs, InitialConditions
 from diamond_jax.models.actor_critic import ActorCritic, compute_lambda_returns
 from diamond_jax.models.denoiser import stack_frames
 from diamond_jax.training import parallel, steps
-
-# benchmark_sampling draws batches of this many segments, whatever the config says.
-SAMPLING_BATCH_SIZE = 32
-
 
 class Setup(NamedTuple):
     config: config_dict.ConfigDict
@@ -300,10 +296,11 @@ def collection(setup: Setup) -> Item:
 def sampling(setup: Setup) -> Item:
     config, num_batches = setup.config, setup.sampling_batches
     seq_length = config.rew_end_model.training.seq_length
-    return Item(f"replay.benchmark_sampling: {num_batches} batches of {SAMPLING_BATCH_SIZE} segments of "
+    batch_size = fixtures.REFERENCE_BATCH_SIZE
+    return Item(f"fixtures.benchmark_sampling: {num_batches} batches of {batch_size} segments of "
                 f"{seq_length} steps per repeat from a synthetic replay of the whole budget; a time per call is "
-                f"per batch", None, SAMPLING_BATCH_SIZE, SAMPLING_BATCH_SIZE, "segments/s",
-                rate=lambda: replay.benchmark_sampling(config, num_batches))
+                f"per batch", None, batch_size, batch_size, "segments/s",
+                rate=lambda: fixtures.benchmark_sampling(config, num_batches))
 
 
 ITEMS: Dict[str, Callable[[Setup], Item]] = {

@@ -165,9 +165,12 @@ class Trainer:
                                          sharding=self.rep)
         self.collector = self._new_collector()
         self.collector.restore(_collector_from_json(meta["collector"]))
-        if self.collector.num_steps != self.replay.num_steps:
+        # Steps lost to damaged replay files were collected all the same: the envs are past them (load logged
+        # which files, and the run goes on with the rest).
+        if self.collector.num_steps != self.replay.num_steps + self.replay.num_lost_steps:
             raise RuntimeError(f"the checkpoint's collector has {self.collector.num_steps} steps but its dataset "
-                               f"{self.replay.num_steps}; the run directory {self.workdir} is inconsistent.")
+                               f"{self.replay.num_steps} (+ {self.replay.num_lost_steps} lost); the run directory "
+                               f"{self.workdir} is inconsistent.")
         logging.info("Resumed %s from checkpoint %d: epoch %d, phase %s, update %d", self.workdir,
                      index, self.progress.epoch, self.progress.phase, self.progress.phase_step)
 
