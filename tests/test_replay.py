@@ -2,6 +2,8 @@
 persistence (bit-exact, incremental, crash-safe, truncation) and memory."""
 
 import functools
+import json
+import logging
 import os
 
 import chex
@@ -460,3 +462,65 @@ def test_a_damaged_index_is_named_with_the_fix(tmp_path, how):
     with pytest.raises(files_lib.ReplayDamaged, match=f"{index} is damaged.*Fix: restore") as error:
         ReplayDataset.load(tmp_path)
     assert "pickle" not in str(error.value)
+
+
+def write_version_1(directory, rng):
+    """A replay directory as the first release laid it out (format version 1: chunk rows (lane, start slot,
+    frames, file id), no CRC-32, no count of lost steps), written with numpy alone. Lane 0: episode 0, 2 steps,
+    ended. Lane 1: episode 1, 3 steps so far, in progress, its frames saved in two chunks. Returns the
+    episodes as (lane, obs, act, rew, end, trunc, last_obs)."""
+    frames = [rng.integers(0, 256, (3,) + SHAPE, dtype=np.uint8), rng.integers(0, 256, (4,) + SHAPE, dtype=np.uint8)]
+    act = [np.array([1, 3, 0], np.int32), np.array([2, 0, 1, 0], np.int32)]  # slot L of an episode: no step data
+    rew = [np.array([0.0, 5.0, 0.0], np.float32), np.array([-1.0, 0.0, 1.0, 0.0], np.float32)]
+    end = [np.array([False, True, False]), np.zeros(4, bool)]
+    trunc = [np.zeros(3, bool), np.zeros(4, bool)]
+    os.makedirs(directory / "frames")
+    for file_id, chunk in enumerate([frames[0], frames[1][:2], frames[1][2:]]):
+        np.save(directory / "frames" / f"{file_id:08d}.npy", chunk)
+    meta = {"version": 1, "num_lanes": 2, "frame_shape": list(SHAPE), "initial_capacity": 4 * 1024,
+            "initial_episode_capacity": 4 * 256}
+    index = {"meta": np.array(json.dumps(meta)), "chunks": np.array([[0, 0, 3, 0], [1, 0, 2, 1], [1, 2, 2, 2]]),
+             "lane_sizes": np.array([3, 4]), "ep_lane": np.array([0, 1], np.int32),
+             "ep_start": np.array([0, 0], np.int32), "ep_length": np.array([2, 3], np.int32),
+             "ep_finished": np.array([True, False])}
+    for i in range(2):
+        index.update({f"act_{i}": act[i], f"rew_{i}": rew[i], f"end_{i}": end[i], f"trunc_{i}": trunc[i]})
+    np.savez(directory / "index.npz", **index)
+    return [(i, frames[i][:-1], act[i][:-1], rew[i][:-1], end[i][:-1], trunc[i][:-1], frames[i][-1]) for i in range(2)]
+
+
+def test_a_version_1_directory_loads_and_resumes(tmp_path, caplog):
+    """Runs made with the first release resume: its directories load (unchecked, said in the log), also up to
+    a checkpoint's version-1 summary, and the next save upgrades them, CRC-32s of the old chunks included."""
+    caplog.set_level(logging.INFO)
+    episodes = write_version_1(tmp_path, np.random.default_rng(30))
+    loaded = ReplayDataset.load(tmp_path)
+    assert "format version 1, written without checksums" in caplog.text
+    assert loaded.num_episodes == 2 and loaded.num_steps == 5 and loaded.num_lost_steps == 0
+    for e, (_, obs, act, rew, end, trunc, last) in enumerate(episodes):
+        ep = loaded.episode(e)
+        np.testing.assert_array_equal(ep["obs"], np.concatenate([obs, last[None]]))
+        for name, value in (("act", act), ("rew", rew), ("end", end), ("trunc", trunc)):
+            np.testing.assert_array_equal(ep[name], value)
+    assert_same_dataset(built_by_hand(episodes), loaded)
+
+    # The checkpoint of the run may hold an older summary: lane 1 one step shorter, its episode in progress.
+    v1_summary = {"version": 1, "num_episodes": 2, "lane_sizes": [3, 3], "num_steps": 4}
+    lane, obs, act, rew, end, trunc, _ = episodes[1]
+    shorter = [episodes[0], (lane, obs[:2], act[:2], rew[:2], end[:2], trunc[:2], obs[2])]
+    cut = ReplayDataset.load(tmp_path, up_to=v1_summary)
+    assert_same_dataset(built_by_hand(shorter), cut)
+
+    # Collection goes on and saves in the current format, which records the old chunks' CRC-32s.
+    expected = built_by_hand(shorter)
+    for x in (expected, cut):
+        append_continuing(x, 1, np.random.default_rng(31), 2, "end")
+    cut.save(tmp_path)
+    assert json.loads(str(np.load(tmp_path / "index.npz")["meta"]))["version"] == files_lib.FORMAT_VERSION
+    assert_same_dataset(expected, ReplayDataset.load(tmp_path))
+    # A crash before the next checkpoint resumes from the version-1 summary in the upgraded directory.
+    assert_same_dataset(built_by_hand(shorter), ReplayDataset.load(tmp_path, up_to=v1_summary))
+    damage(tmp_path / "frames" / "00000000.npy", "garbled")
+    caplog.clear()
+    assert ReplayDataset.load(tmp_path).num_lost_steps == 2 + 4  # lane 0's episode, then every later one
+    assert "00000000.npy" in caplog.text and "CRC-32 differs" in caplog.text

@@ -4,9 +4,14 @@ A directory holds `frames/<id>.npy` chunk files, each the frames one save added 
 the episode table, the step data, the lane sizes and the list of chunks (lane, first slot, frames, file id,
 CRC-32 of the frames). A save writes only new chunk files, then the index aside, and renames it into place
 last. Nothing is ever loaded with pickle.
+
+Version 1 (the first release) had no CRC-32 column and no count of lost steps; it is still read, its chunks
+unchecked, so that runs made with it resume. Their CRC-32 is computed as they are read, so the next save
+(always the current version) records it.
 """
 
 import json
+import logging
 import os
 import re
 import zipfile
@@ -16,9 +21,11 @@ from typing import Any, Dict, List, Tuple
 import numpy as np
 
 FORMAT_VERSION = 2  # 2: chunks carry a CRC-32 of their frames
+READABLE_VERSIONS = (1, FORMAT_VERSION)
 INDEX_FILE = "index.npz"
 FRAMES_DIR = "frames"
 CHUNK_COLUMNS = 5  # lane, start slot, frame count, file id, CRC-32
+NO_CHECKSUM = -1  # the CRC-32 column of a version-1 chunk (a CRC-32 is never negative)
 _CHUNK_FILE = re.compile(r"^(\d{8})\.npy$")
 
 
@@ -91,16 +98,23 @@ def read_index(path: str) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
         # numpy's own messages can advise allow_pickle, which must never be used on a file of unknown content.
         raise ReplayDamaged(f"the replay index {path} is damaged: truncated or garbled ({type(error).__name__}). "
                             f"{fix}") from error
-    if version != FORMAT_VERSION:
-        raise ReplayDamaged(f"{path} has format version {version}, this code reads {FORMAT_VERSION}. Fix: resume "
-                            "with the version of diamond_jax that wrote it, or start the run in a new --workdir.")
+    if version not in READABLE_VERSIONS:
+        raise ReplayDamaged(f"{path} has format version {version}, this code reads {READABLE_VERSIONS}. Fix: "
+                            "resume with the version of diamond_jax that wrote it, or start the run in a new "
+                            "--workdir.")
+    if version == 1:
+        logging.info("replay index %s has format version 1, written without checksums: its chunks are read "
+                     "unchecked; the next save records their CRC-32.", path)
+        chunks = arrays["chunks"].reshape(-1, CHUNK_COLUMNS - 1)
+        arrays["chunks"] = np.concatenate([chunks, np.full((len(chunks), 1), NO_CHECKSUM, chunks.dtype)], axis=1)
+        meta["num_lost_steps"] = 0  # version 1 never cut a dataset
     return meta, arrays
 
 
-def read_chunk(path: str, count: int, frame_shape: Tuple[int, ...], crc: int) -> np.ndarray:
-    """The first `count` frames of a chunk file, checked against the index's frame shape and the CRC-32 of the
-    whole file's frames; FileNotFoundError or ValueError with the reason when it is missing, truncated or
-    garbled."""
+def read_chunk(path: str, count: int, frame_shape: Tuple[int, ...], crc: int) -> Tuple[np.ndarray, int]:
+    """The first `count` frames of a chunk file and the CRC-32 of the whole file's frames, checked against the
+    index's frame shape and CRC-32 (unless it is NO_CHECKSUM); FileNotFoundError or ValueError with the reason
+    when it is missing, truncated or garbled."""
     if not os.path.exists(path):
         raise FileNotFoundError("missing")
     try:
@@ -111,6 +125,7 @@ def read_chunk(path: str, count: int, frame_shape: Tuple[int, ...], crc: int) ->
     if frames.dtype != np.uint8 or frames.shape[1:] != tuple(frame_shape) or len(frames) < count:
         raise ValueError(f"holds {frames.dtype} {frames.shape}, the index expects at least {count} uint8 frames "
                          f"of {tuple(frame_shape)}")
-    if checksum(frames) != crc:
+    actual = checksum(frames)
+    if crc != NO_CHECKSUM and actual != crc:
         raise ValueError("its CRC-32 differs from the index's: the frames are garbled")
-    return frames[:count]
+    return frames[:count], actual

@@ -426,7 +426,7 @@ class ReplayDataset:
         replay.num_lost_steps = meta["num_lost_steps"]
         if up_to is not None:
             n, sizes = _check_up_to(up_to, n, sizes, directory)
-            replay.num_lost_steps = up_to["num_lost_steps"]
+            replay.num_lost_steps = up_to.get("num_lost_steps", 0)  # a version-1 summary predates lost steps
         ep_lane, ep_start = index["ep_lane"][:n], index["ep_start"][:n]
         kept, damaged = replay._read_chunks(frames_dir, index["chunks"], sizes)
         lost = 0
@@ -494,19 +494,20 @@ class ReplayDataset:
                 continue
             path = os.path.join(frames_dir, files.chunk_name(file_id))
             try:
-                frames = files.read_chunk(path, count, self.frame_shape, crc)
+                frames, crc = files.read_chunk(path, count, self.frame_shape, crc)
             except (OSError, ValueError) as error:
                 why = "missing" if isinstance(error, FileNotFoundError) else f"damaged: {error}"
                 damaged.append(f"{path} (lane {lane}, slots {start}-{start + count - 1}) is {why}")
                 broken[lane] = True
                 continue
             self._lanes[lane].write_frames(start, frames[:sizes[lane] - start])
-            kept.append(tuple(row))
+            kept.append((lane, start, count, file_id, crc))
         return kept, damaged
 
 
 def _check_up_to(up_to: Dict[str, Any], n: int, sizes: List[int], directory: str) -> Tuple[int, List[int]]:
-    if (up_to.get("version") != FORMAT_VERSION or len(up_to["lane_sizes"]) != len(sizes)
+    # A checkpoint's summary may be older than the directory, which the first save after a resume upgrades.
+    if (up_to.get("version") not in files.READABLE_VERSIONS or len(up_to["lane_sizes"]) != len(sizes)
             or up_to["num_episodes"] > n or any(a > b for a, b in zip(up_to["lane_sizes"], sizes))):
         raise ValueError(f"up_to={up_to} is not an earlier state of the dataset in {directory} ({n} episodes, "
                          f"lane sizes {sizes}). Fix: pass the summary() stored with the checkpoint of this run.")
