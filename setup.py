@@ -27,7 +27,10 @@ setup(
     description="DIAMOND (diffusion world models for RL, Alonso et al., NeurIPS 2024) in JAX/Flax",
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["diamond_jax", "diamond_jax.*"]),
+    # configs/ stays at the root (--config=configs/atari100k.py) and is installed as diamond_jax.configs, every
+    # module in it, so that an installed package finds its default config (diamond_jax.config_files).
+    packages=find_packages(include=["diamond_jax", "diamond_jax.*"]) + ["diamond_jax.configs"],
+    package_dir={"diamond_jax.configs": "configs"},
     # Random/human scores and DIAMOND's published returns, read by diamond_jax.scores.
     package_data={"diamond_jax": ["reference_data/*.json"]},
     include_package_data=True,

@@ -21,7 +21,7 @@ is our median time over the reference's (< 1: ours is faster). Items, with the p
                               (= the reference's actor_critic_update)
   compute_lambda_returns      lambda-returns alone                            returns/s
   collection                  the training collector, policy acting           env steps/s
-  sampling                    replay.benchmark_sampling                       segments/s
+  sampling                    fixtures.benchmark_sampling                     segments/s
 
 The projection adds up one run's phases at the measured rates: each model's updates,
 batch sampling, collection, evaluation episodes (--eval_episode_steps each) and the updates' compile times.
@@ -50,8 +50,11 @@ from diamond_jax.agent import MODEL_NAMES, Agent
 from diamond_jax.benchmarking import device as device_lib
 from diamond_jax.benchmarking import report, timing
 from diamond_jax.benchmarking.items import ITEMS, Setup
+from diamond_jax import config as config_lib
 from diamond_jax.config import CPU_DEVICES_HELP
 from diamond_jax import envs
+from diamond_jax.config_files import config_file
+from diamond_jax.exit_codes import EXIT_BAD_INPUT
 from diamond_jax.training import parallel, steps
 
 # (warm-up calls, timed calls) per item when not given: accelerators run every item in milliseconds, a CPU
@@ -60,7 +63,7 @@ DEFAULT_WARMUP_REPEATS = {"cpu": (1, 3)}
 ACCELERATOR_WARMUP_REPEATS = (2, 10)
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/atari100k.py",
+    "config", config_file("atari100k"),
     "Config file, with presets after ':' (e.g. configs/atari100k.py:debug); override any field with "
     "--config.<field>=<value>.")
 _ONLY = flags.DEFINE_list("only", None, f"Items to run, comma-separated (default: all): {', '.join(ITEMS)}.")
@@ -103,6 +106,32 @@ def selected_items(only: List[str], skip: List[str]) -> List[str]:
     if unknown:
         raise app.UsageError(f"unknown item(s) {', '.join(unknown)}; items: {', '.join(ITEMS)}")
     return [name for name in ITEMS if (not only or name in only) and name not in skip]
+
+
+class BadInput(ValueError):
+    """A flag that cannot work, found before anything is computed; exit status 2."""
+
+
+def load_reference(path: str) -> Dict[str, Any]:
+    """The reference JSON, read before anything is computed: a bad path must not cost a whole benchmark."""
+    fix = "Fix: pass a JSON written by shared/tools/ref_bench/bench_torch.py, or leave --reference out."
+    try:
+        with open(path) as f:
+            reference = json.load(f)
+    except OSError as error:
+        raise BadInput(f"--reference={path}: cannot read it ({error.strerror}). {fix}") from error
+    except json.JSONDecodeError as error:
+        raise BadInput(f"--reference={path} is not JSON ({error}). {fix}") from error
+    if not isinstance(reference, dict) or not isinstance(reference.get("results"), dict):
+        raise BadInput(f"--reference={path} has no \"results\" object, so it was not written by bench_torch.py. {fix}")
+    return reference
+
+
+def check_writable(path: str, flag: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory) or not os.access(directory, os.W_OK | os.X_OK):
+        raise BadInput(f"--{flag}={path}: its directory {directory} does not exist or is not writable. Fix: "
+                       "create it, or pick a path in a directory you can write to.")
 
 
 def code_commit() -> Any:
@@ -177,6 +206,13 @@ def main(argv: List[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     start = time.perf_counter()
     names = selected_items(_ONLY.value, _SKIP.value)
+    try:
+        check_writable(_JSON.value, "json")
+        reference = load_reference(_REFERENCE.value) if _REFERENCE.value else None
+        config_lib.validate(_CONFIG.value)
+    except (BadInput, config_lib.ConfigError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
     if _MATMUL_PRECISION.value != "default":
         jax.config.update("jax_default_matmul_precision", _MATMUL_PRECISION.value)
     parallel.use_cpu_devices(_CPU_DEVICES.value)
@@ -219,10 +255,9 @@ def main(argv: List[str]) -> None:
     out = {"meta": meta, "params": params, "results": results,
            "projection": report.project_run(config, results, _EVAL_EPISODE_STEPS.value)}
     comparison = None
-    if _REFERENCE.value:
-        with open(_REFERENCE.value) as f:
-            comparison = report.compare_with_reference(results, meta["device_name"], params, json.load(f),
-                                                       _MATMUL_PRECISION.value)
+    if reference is not None:
+        comparison = report.compare_with_reference(results, meta["device_name"], params, reference,
+                                                   _MATMUL_PRECISION.value)
         out["reference"] = dict(comparison, path=os.path.abspath(_REFERENCE.value))
         print(f"reference {_REFERENCE.value}: device {comparison['device_name']!r}, ours {meta['device_name']!r}: "
               + ("compared" if comparison["comparable"] else "not compared"), flush=True)

@@ -6,6 +6,7 @@ from typing import Any, Optional, Sequence
 
 from ml_collections import config_dict
 
+from diamond_jax.models.sizes import ATTN_HEAD_DIM, GN_GROUP_SIZE, num_groups, num_heads
 
 # How a compiled training call loops over its updates (training.phases.use_scan).
 PHASE_LOOPS = ("auto", "scan", "python")
@@ -205,10 +206,10 @@ def validate(c: config_dict.ConfigDict) -> None:
 def _check_channels(field: str, ch: Any) -> None:
     if not isinstance(ch, int) or ch < 1:
         _fail(field, ch, "must be a positive integer", "use e.g. 32 or 64")
-    groups = max(1, ch // 32)
+    groups = num_groups(ch)
     if ch % groups:
-        _fail(field, ch, f"must be divisible by its {groups} GroupNorm groups (groups of 32 channels)",
-              "use a multiple of 32, or fewer than 64 channels")
+        _fail(field, ch, f"must be divisible by its {groups} GroupNorm groups (groups of {GN_GROUP_SIZE} channels)",
+              f"use a multiple of {GN_GROUP_SIZE}, or fewer than {2 * GN_GROUP_SIZE} channels")
 
 
 def _check_levels(c: config_dict.ConfigDict, prefix: str, depths, channels, attn_depths) -> None:
@@ -220,11 +221,11 @@ def _check_levels(c: config_dict.ConfigDict, prefix: str, depths, channels, attn
             _fail(f"{prefix}.depths[{i}]", d, "must be a positive integer", "use e.g. 2")
     for i, ch in enumerate(channels):
         _check_channels(f"{prefix}.channels[{i}]", ch)
-        heads = max(1, ch // 8)
+        heads = num_heads(ch)
         has_attention = attn_depths[i] or i == len(channels) - 1  # the middle blocks always attend
         if has_attention and ch % heads:
-            _fail(f"{prefix}.channels[{i}]", ch, f"must be divisible by its {heads} attention heads of 8 channels",
-                  "use a multiple of 8")
+            _fail(f"{prefix}.channels[{i}]", ch, f"must be divisible by its {heads} attention heads of "
+                  f"{ATTN_HEAD_DIM} channels", f"use a multiple of {ATTN_HEAD_DIM}")
     factor = 2 ** (len(channels) - 1)
     if c.env.size % factor:
         _fail("env.size", c.env.size, f"must be divisible by 2^{len(channels) - 1} = {factor} ({prefix} has "

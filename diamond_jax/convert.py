@@ -32,10 +32,11 @@ from ml_collections import config_dict
 from diamond_jax import config as config_lib
 from diamond_jax import envs
 from diamond_jax.agent import MODEL_NAMES, Agent, AgentVariables
+from diamond_jax.config_files import config_file
 from diamond_jax.training.agent_checkpoint import (
     AgentCheckpointError, abstract_variables, file_sha256, read_agent_info, save_agent)
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "atari100k.py"
+DEFAULT_CONFIG = config_file("atari100k")
 
 StateDict = Dict[str, np.ndarray]
 

@@ -17,9 +17,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from diamond_jax.config import CPU_DEVICES_HELP
-
-EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: try again later
-EXIT_BAD_INPUT = 2
+from diamond_jax.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_PREEMPTED
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, with presets after ':' (game=<Name>, debug), e.g. configs/atari100k.py:game=Pong. "
@@ -157,7 +155,7 @@ def main(argv) -> None:
         sys.exit(EXIT_PREEMPTED)
     except NonFiniteLoss as error:
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(EXIT_FAILED)
     except Exception as error:
         full = disk_full(error)
         if full is None:

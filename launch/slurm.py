@@ -19,7 +19,8 @@ from typing import Any, Dict, FrozenSet, List, Sequence
 
 import submitit
 
-from launch import sweep
+from launch.runs import (DONE, LOG_FILE, RESULTS_FILE, RESUME, BadInput, LaunchError, Run, failure_message, record_exit,
+                         start)
 
 JOB_ID_FILE = "slurm_job_id"  # in the run directory: the job that runs it, so that a second launch leaves it be
 # checkpoint() must return, and submitit requeue the job, before SLURM's SIGTERM at the time limit.
@@ -39,7 +40,7 @@ def preemption_signal() -> signal.Signals:
 class SlurmRun(submitit.helpers.Checkpointable):
     """One run as a submitit job: runs its command as a child process until the run completes or fails."""
 
-    def __init__(self, run: sweep.Run, signal_delay_s: int):
+    def __init__(self, run: Run, signal_delay_s: int):
         self.run = run
         self.signal_delay_s = signal_delay_s
         self._process = None
@@ -57,7 +58,7 @@ class SlurmRun(submitit.helpers.Checkpointable):
         previous = signal.signal(signal.SIGTERM, self._forward_sigterm)
         try:
             # SLURM's warning goes to every process of the job; only submitit's handler here may act on it.
-            self._process = sweep.start(self.run, preexec_fn=lambda: signal.signal(warning, signal.SIG_IGN))
+            self._process = start(self.run, preexec_fn=lambda: signal.signal(warning, signal.SIG_IGN))
             # A thread waits for the run, so that checkpoint(), which runs in a signal handler of this thread
             # while it waits, can wait for the run too.
             self._waiter = threading.Thread(target=self._process.wait, daemon=True)
@@ -66,14 +67,14 @@ class SlurmRun(submitit.helpers.Checkpointable):
         finally:
             signal.signal(signal.SIGTERM, previous)
         code = self._process.returncode
-        outcome = sweep.record_exit(self.run, code)
-        if outcome == sweep.DONE:
-            return self.run.path(sweep.RESULTS_FILE)
-        if outcome == sweep.RESUME:
+        outcome = record_exit(self.run, code)
+        if outcome == DONE:
+            return self.run.path(RESULTS_FILE)
+        if outcome == RESUME:
             self._requeue(warning)
             raise RunFailed(f"{self.run.name} stopped to resume (exit status {code}), but this job was not "
                             "requeued. Fix: launch the sweep again; it resumes the run.")
-        raise RunFailed(sweep.failure_message(self.run, code))
+        raise RunFailed(failure_message(self.run, code))
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """submitit calls this on SLURM's warning, then requeues the job with what it returns: the run saves
@@ -125,7 +126,7 @@ def describe_resources(args: argparse.Namespace, root: str, num_jobs: int) -> st
             f"{args.max_timeouts} times.")
 
 
-def queued(runs: Sequence[sweep.Run]) -> FrozenSet[str]:
+def queued(runs: Sequence[Run]) -> FrozenSet[str]:
     """Names of runs whose job (the one a launch recorded) is still pending or running."""
     recorded = {}
     for run in runs:
@@ -140,18 +141,18 @@ def queued(runs: Sequence[sweep.Run]) -> FrozenSet[str]:
     except FileNotFoundError:  # no SLURM on this machine, so nothing of it is queued
         return frozenset()
     if listing.returncode:
-        raise sweep.LaunchError(f"squeue failed ({listing.stderr.strip()}), so the runs already queued are "
+        raise LaunchError(f"squeue failed ({listing.stderr.strip()}), so the runs already queued are "
                                 "unknown and could be submitted twice. Fix: try again when squeue answers.")
     return frozenset(name for job_id, name in recorded.items() if job_id in set(listing.stdout.split()))
 
 
-def submit(runs: Sequence[sweep.Run], parameters: Dict[str, Any], folder: str, max_timeouts: int,
+def submit(runs: Sequence[Run], parameters: Dict[str, Any], folder: str, max_timeouts: int,
            signal_delay_s: int) -> List[submitit.Job]:
     """Submits the runs as one job array and records each job's id in its run directory."""
     try:
         executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=max_timeouts)
     except RuntimeError as error:  # submitit found no srun
-        raise sweep.BadInput(f"{error} Fix: launch from a machine of the SLURM cluster, or use --launcher=local.") \
+        raise BadInput(f"{error} Fix: launch from a machine of the SLURM cluster, or use --launcher=local.") \
             from error
     executor.update_parameters(**parameters)
     jobs = executor.submit_array([SlurmRun(run, signal_delay_s) for run in runs])
@@ -162,11 +163,11 @@ def submit(runs: Sequence[sweep.Run], parameters: Dict[str, Any], folder: str, m
     return jobs
 
 
-def launch(args: argparse.Namespace, root: str, runs: Sequence[sweep.Run]) -> str:
+def launch(args: argparse.Namespace, root: str, runs: Sequence[Run]) -> str:
     """Submits the runs; returns what to tell the user."""
     jobs = submit(runs, sbatch_parameters(args, root), log_folder(root), args.max_timeouts, args.signal_delay_s)
     lines = [f"Submitted {len(jobs)} jobs (job name {job_name(root)}):"]
     lines += [f"  {job.job_id:<14}{run.name}" for run, job in zip(runs, jobs)]
-    lines.append(f"Logs: each run's output in <run>/{sweep.LOG_FILE}; submitit's in "
+    lines.append(f"Logs: each run's output in <run>/{LOG_FILE}; submitit's in "
                  f"{os.path.dirname(log_folder(root))}")
     return "\n".join(lines)

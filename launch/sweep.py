@@ -5,7 +5,7 @@
 
 Run <Game>-<seed> lives in <root>/<Game>-<seed> and is diamond_jax.main with that --workdir, so launching a sweep
 again skips the runs that finished (results.json) and resumes the others from their checkpoints. The SLURM side
-(submitit) is in launch/slurm.py.
+(submitit) is in launch/slurm.py, the run-state model both use in launch/runs.py.
 
 Exit status: 0 when every run is done (local) or submitted (slurm), 1 when a run failed, 2 for bad input, 75 when
 the local launcher was stopped (its runs saved; launch again to resume them).
@@ -13,15 +13,12 @@ the local launcher was stopped (its runs saved; launch again to resume them).
 
 import argparse
 import collections
-import dataclasses
-import datetime
 import os
-import shlex
 import signal
 import subprocess
 import sys
 import time
-from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from absl import flags as absl_flags
 from ml_collections import config_dict, config_flags
@@ -29,47 +26,11 @@ from ml_collections import config_dict, config_flags
 from configs import atari100k
 from diamond_jax import config as config_lib
 from diamond_jax.envs.games import ATARI_100K_GAMES
-from diamond_jax.main import EXIT_BAD_INPUT, EXIT_PREEMPTED
+from diamond_jax.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_PREEMPTED
+from launch.runs import (CONFIG_FILE, DONE, FAILED, LOG_FILE, NEW, QUEUED, RESULTS_FILE, RESUME, BadInput, LaunchError,
+                         Run, failure_message, plan, record_exit, start, state)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG_FILE = "configs/atari100k.py"  # relative to REPO, where runs start
-# The run's entry point. Tests put in its place a stand-in that takes the same arguments and exits the same way.
-DIAMOND_MAIN = (sys.executable, "-m", "diamond_jax.main")
-LOG_FILE, FAILED_FILE, RESULTS_FILE = "log.txt", "failed.txt", "results.json"
-EXIT_FAILED = 1
 POLL_S = 1.0  # how often the local launcher looks at its runs
-
-# What a run directory says about its run.
-DONE, QUEUED, FAILED, RESUME, NEW = "done", "queued", "failed before", "resume", "new"
-
-
-class LaunchError(Exception):
-    """Reported as `error: <message>`, exit status 1; the message says what to do."""
-
-
-class BadInput(LaunchError):
-    """A flag that cannot work; exit status 2."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Run:
-    """One (game, seed) of a sweep: its run directory and the command that starts, or resumes, it there."""
-
-    game: str
-    seed: int
-    workdir: str
-    command: Tuple[str, ...]
-
-    @property
-    def name(self) -> str:
-        return f"{self.game}-{self.seed}"
-
-    def path(self, filename: str) -> str:
-        return os.path.join(self.workdir, filename)
-
-    def shell_command(self) -> str:
-        """The command as a person would type it."""
-        return f"cd {shlex.quote(REPO)} && {shlex.join(self.command)}"
 
 
 # ---- Flags.
@@ -157,35 +118,7 @@ def check_root(root: str) -> str:
     return path
 
 
-# ---- Runs and their state on disk.
-
-def plan(games: Sequence[str], seeds: Sequence[int], root: str, preset: Optional[str] = None,
-         overrides: Sequence[str] = (), program: Sequence[str] = DIAMOND_MAIN) -> List[Run]:
-    """Every (game, seed), seed after seed: the first seed of every game comes first, so that a sweep cut short
-    still covers the whole benchmark. `overrides` are --config.<key>=<value> arguments."""
-    runs = []
-    for seed in seeds:
-        for game in games:
-            workdir = os.path.join(root, f"{game}-{seed}")
-            presets = ",".join([f"game={game}"] + ([preset] if preset else []))
-            command = (*program, f"--config={CONFIG_FILE}:{presets}", f"--config.seed={seed}", f"--workdir={workdir}",
-                       *overrides)
-            runs.append(Run(game, seed, workdir, command))
-    return runs
-
-
-def state(run: Run, queued: FrozenSet[str] = frozenset()) -> str:
-    """`queued`: names of runs whose SLURM job is still pending or running."""
-    if os.path.exists(run.path(RESULTS_FILE)):
-        return DONE
-    if run.name in queued:
-        return QUEUED
-    if os.path.exists(run.path(FAILED_FILE)):
-        return FAILED
-    if os.path.isdir(run.path("checkpoints")) and os.listdir(run.path("checkpoints")):
-        return RESUME
-    return NEW
-
+# ---- Presenting the runs.
 
 def summary(root: str, runs: Sequence[Run], states: Sequence[str]) -> str:
     n = collections.Counter(states)
@@ -207,39 +140,6 @@ def describe(runs: Sequence[Run], states: Sequence[str]) -> str:
         if s not in (DONE, QUEUED):
             lines.append(f"      {run.shell_command()}")
     return "\n".join(lines)
-
-
-def start(run: Run, env: Optional[Dict[str, str]] = None, **popen_kwargs) -> subprocess.Popen:
-    """Starts (or resumes) a run, its output appended to <workdir>/log.txt."""
-    os.makedirs(run.workdir, exist_ok=True)
-    if os.path.exists(run.path(FAILED_FILE)):
-        os.remove(run.path(FAILED_FILE))
-    with open(run.path(LOG_FILE), "a") as log:
-        log.write(f"\n===== {datetime.datetime.now():%Y-%m-%d %H:%M:%S} launch.sweep: {run.shell_command()}\n")
-        log.flush()
-        return subprocess.Popen(run.command, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, **popen_kwargs)
-
-
-def record_exit(run: Run, code: int) -> str:
-    """DONE, RESUME (the run saved and stopped: start it again) or FAILED, which <workdir>/failed.txt records."""
-    if code == 0 and os.path.exists(run.path(RESULTS_FILE)):
-        return DONE
-    # A SIGTERM that comes while the run starts, before it handles SIGTERM, kills it; it had done nothing yet
-    # since its last checkpoint.
-    if code in (EXIT_PREEMPTED, -signal.SIGTERM):
-        return RESUME
-    with open(run.path(FAILED_FILE), "w") as f:
-        f.write(f"exit status {code} at {datetime.datetime.now():%Y-%m-%d %H:%M:%S}; its output is in {LOG_FILE}\n")
-    return FAILED
-
-
-def failure_message(run: Run, code: int, num_lines: int = 30) -> str:
-    with open(run.path(LOG_FILE), errors="replace") as f:
-        tail = "".join(collections.deque(f, maxlen=num_lines))
-    if code == 0:
-        return f"{run.name} exited with status 0 but wrote no {RESULTS_FILE}. The end of {run.path(LOG_FILE)}:\n{tail}"
-    return f"{run.name} failed with exit status {code}. The end of {run.path(LOG_FILE)}:\n{tail}"
 
 
 # ---- The local launcher.

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diamond_jax.models.actor_critic import compute_lambda_returns
+from diamond_jax.models.actor_critic import ActorCritic, compute_lambda_returns
 from diamond_jax.training import steps
 
 
@@ -54,6 +54,53 @@ def test_lambda_returns_by_hand(end, trunc, expected):
     got = compute_lambda_returns(jnp.array([[1.0, 0.0, -2.0]]), jnp.array([end]), jnp.array([trunc]),
                                  jnp.array([[2.0, 4.0, 8.0]]), 0.5, 0.5)
     np.testing.assert_allclose(got[0], expected, rtol=1e-6)
+
+
+def test_loss_terms_and_gradients_equal_a_numpy_computation():
+    """Every term of the loss, and its gradients, in numpy: with lambda-returns G and advantages A = G - V
+    (both constants), loss = mean(-log pi(a) A) + w_v mean((V - G)^2) - w_e H, H the mean policy entropy."""
+    gamma, lambda_, w_v, w_e = 0.9, 0.8, 0.7, 0.2  # a large entropy weight, so that its term shows clearly
+    ac = ActorCritic(num_actions=3, gamma=gamma, lambda_=lambda_, weight_value_loss=w_v, weight_entropy_loss=w_e)
+    rng = np.random.default_rng(0)
+    b, t = 3, 6
+    logits = rng.normal(size=(b, t, 3)) * 2
+    val, val_bootstrap = rng.normal(size=(b, t)), rng.normal(size=(b, t))
+    act = rng.integers(0, 3, (b, t))
+    rew = rng.choice([-2.0, 0.0, 0.5], (b, t))
+    end = np.zeros((b, t), np.int32)
+    end[0, 2] = 1
+    trunc = np.zeros((b, t), np.int32)
+    trunc[1, 3] = 1
+
+    returns = lambda_returns_loop(rew, end, trunc, val_bootstrap, gamma, lambda_)
+    advantage = returns - val
+    log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    p = np.exp(log_p)
+    entropy_rows = -(p * log_p).sum(-1)
+    log_p_act = np.take_along_axis(log_p, act[..., None], -1)[..., 0]
+    expected = {
+        "loss_actions": np.mean(-log_p_act * advantage),
+        "loss_values": w_v * np.mean((val - returns) ** 2),
+        "loss_entropy": -w_e * entropy_rows.mean(),
+        "policy_entropy": entropy_rows.mean() / np.log(2),
+    }
+    expected["loss_total"] = expected["loss_actions"] + expected["loss_values"] + expected["loss_entropy"]
+    # d/dz_k of -log pi(a) = p_k - [k = a]; of H_row = -p_k (log p_k + H_row); of (V - G)^2 = 2 (V - G).
+    onehot = np.eye(3)[act]
+    expected_grad_logits = ((p - onehot) * advantage[..., None] + w_e * p * (log_p + entropy_rows[..., None])) / (b * t)
+    expected_grad_val = 2 * w_v * (val - returns) / (b * t)  # the advantages carry no gradient into V
+
+    def loss(logits, val):
+        return ac.loss(logits, val, jnp.asarray(act), jnp.asarray(rew), jnp.asarray(end), jnp.asarray(trunc),
+                       jnp.asarray(val_bootstrap))
+
+    (total, metrics), (grad_logits, grad_val) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+        jnp.asarray(logits, jnp.float32), jnp.asarray(val, jnp.float32))
+    for name, value in expected.items():
+        np.testing.assert_allclose(float(metrics[name]), value, rtol=1e-5, atol=1e-7, err_msg=name)
+    np.testing.assert_allclose(float(total), expected["loss_total"], rtol=1e-5)
+    np.testing.assert_allclose(grad_logits, expected_grad_logits, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(grad_val, expected_grad_val, rtol=1e-4, atol=1e-7)
 
 
 def test_outputs_start_at_zero(debug_agent):

@@ -107,6 +107,23 @@ def test_projection_needs_every_item_of_the_run(run):
     assert projection["phases"]["rew_end_model_updates"]["hours"] > 0
 
 
+@pytest.mark.parametrize("case", ["missing_reference", "garbled_reference", "unwritable_json"])
+def test_bad_input_stops_the_benchmark_before_anything_is_computed(tmp_path, case):
+    garbled = tmp_path / "garbled.json"
+    garbled.write_text('{"meta": {}, "res')
+    reference, out = {"missing_reference": (tmp_path / "missing.json", tmp_path / "bench.json"),
+                      "garbled_reference": (garbled, tmp_path / "bench.json"),
+                      "unwritable_json": (garbled, tmp_path / "no_such_dir" / "bench.json")}[case]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+    cmd = [sys.executable, "-m", "diamond_jax.benchmark", f"--config={REPO}/configs/atari100k.py:debug",
+           "--only=compute_lambda_returns", f"--reference={reference}", f"--json={out}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    named = out if case == "unwritable_json" else reference
+    assert proc.stderr.startswith("error: ") and str(named) in proc.stderr and "Fix:" in proc.stderr
+    assert proc.stdout == "" and not out.exists()  # the device line is printed once models are built
+
+
 def test_donated_state_on_one_device(debug_config, debug_agent):
     """On one device placing an array does not copy it, so a donated state must not hold one buffer twice (the
     reward/end model's initial LSTM state is one array of zeros for both h and c)."""

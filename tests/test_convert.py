@@ -23,7 +23,7 @@ import pytest
 from configs import atari100k
 from diamond_jax import convert as cv
 from diamond_jax.agent import Agent
-from diamond_jax.models import blocks
+from diamond_jax.models import blocks, sizes
 from diamond_jax.training import agent_checkpoint as ac
 
 REPO = Path(__file__).resolve().parent.parent
@@ -329,7 +329,7 @@ def test_ada_group_norm_scale_then_shift():
     # The official AdaGroupNorm: plain group norm, then the linear map's first half scales, its second shifts.
     p = {k: torch.from_numpy(v) for k, v in state.items()}
     scale, shift = torch.nn.functional.linear(cond, p["linear.weight"], p["linear.bias"])[:, :, None, None].chunk(2, 1)
-    expected = torch.nn.functional.group_norm(x, c // blocks.GN_GROUP_SIZE, eps=blocks.GN_EPS) * (1 + scale) + shift
+    expected = torch.nn.functional.group_norm(x, c // sizes.GN_GROUP_SIZE, eps=blocks.GN_EPS) * (1 + scale) + shift
     ours = blocks.AdaGroupNorm()
     variables = cv.from_official(state, jax.eval_shape(ours.init, jax.random.key(0), _nhwc(x), cond.numpy()),
                                  cv.Layout())
@@ -340,7 +340,7 @@ def test_self_attention_head_layout():
     torch = pytest.importorskip("torch")
     F = torch.nn.functional
     n, c, h, w = 2, 64, 4, 3
-    n_head = c // blocks.ATTN_HEAD_DIM
+    n_head = c // sizes.ATTN_HEAD_DIM
     state = _random_state({"norm.norm.weight": (c,), "norm.norm.bias": (c,), "qkv_proj.weight": (3 * c, c, 1, 1),
                            "qkv_proj.bias": (3 * c,), "out_proj.weight": (c, c, 1, 1), "out_proj.bias": (c,)}, seed=4,
                            scale=c ** -0.5)  # moderate attention logits, so that 1e-5 is a tight bound
@@ -349,7 +349,7 @@ def test_self_attention_head_layout():
 
     # The official equations: the qkv channels viewed as 3 * n_head groups of c / n_head channels, pixels as
     # tokens; the first n_head groups are the queries, then keys, then values.
-    xn = F.group_norm(x, c // blocks.GN_GROUP_SIZE, p["norm.norm.weight"], p["norm.norm.bias"], eps=blocks.GN_EPS)
+    xn = F.group_norm(x, c // sizes.GN_GROUP_SIZE, p["norm.norm.weight"], p["norm.norm.bias"], eps=blocks.GN_EPS)
     qkv = F.conv2d(xn, p["qkv_proj.weight"], p["qkv_proj.bias"]).view(n, 3 * n_head, c // n_head, h * w)
     q, k, v = qkv.transpose(2, 3).chunk(3, dim=1)
     att = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(c // n_head), dim=-1)

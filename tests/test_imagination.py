@@ -88,20 +88,40 @@ def test_rows_restart_exactly_where_an_end_or_truncation_was_sampled(world):
     assert min(checked.values()) > 0, checked
 
 
+def burnt_in_by_hand(agent, variables, obs, act):
+    """Both LSTMs stepped one frame at a time from zero states over initial conditions obs [b, N, ...], act
+    [b, N]: the reward/end model over the N - 1 transitions, the actor-critic over the frames before the last.
+    Returns (rew_end_hx_cx, ac_hx_cx)."""
+    ac, rew_end = agent.actor_critic, agent.rew_end_model
+    ac_hx_cx, rew_end_hx_cx = ac.initial_state(len(act)), rew_end.initial_state(len(act))
+    for t in range(N - 1):
+        ac_hx_cx = ac.predict_act_value(variables["actor_critic"], obs[:, t], ac_hx_cx).hx_cx
+        *_, rew_end_hx_cx = rew_end.predict_rew_end(variables["rew_end_model"], obs[:, t:t + 1], act[:, t:t + 1],
+                                                    obs[:, t + 1:t + 2], rew_end_hx_cx)
+    return rew_end_hx_cx, ac_hx_cx
+
+
 def test_restarted_rows_carry_their_burnt_in_states(world):
+    """A row that restarts at the rollout's last step leaves it with the frames, actions and LSTM states of the
+    pool entry it restarted from, the states burnt in frame by frame."""
     agent, variables, state, rollout = world
     pool = make_pool(jax.random.key(3))
     traj, next_state = rollout(variables, state, pool, jax.random.key(4))
     dead_last = (np.asarray(traj.end[:, -1]) + np.asarray(traj.trunc[:, -1])) > 0
     assert dead_last.any()
-    flat_pool = jax.tree.map(lambda x: x.reshape((B * K,) + x.shape[2:]), pool)
-    points = jax.jit(functools.partial(imagination.burn_in, agent))(variables, flat_pool)
-    dead_so_far = np.asarray(traj.end) + np.asarray(traj.trunc) > 0
-    for i in np.flatnonzero(dead_last):
-        j = i * K + (dead_so_far[i].sum() - 1) % K
-        np.testing.assert_allclose(next_state.rew_end_hx_cx[0][i], points.rew_end_hx_cx[0][j], atol=1e-6)
-        np.testing.assert_allclose(next_state.ac_hx_cx[1][i], points.ac_hx_cx[1][j], atol=1e-6)
-        np.testing.assert_array_equal(next_state.act[i], pool.act[i, (dead_so_far[i].sum() - 1) % K])
+    num_restarts = (np.asarray(traj.end) + np.asarray(traj.trunc) > 0).sum(axis=1)
+    rows = np.flatnonzero(dead_last)
+    entry = (num_restarts[rows] - 1) % K  # restarts use the row's pool entries in turn
+    init_obs, init_act = pool.obs[rows, entry], pool.act[rows, entry]
+    rew_end_hx_cx, ac_hx_cx = burnt_in_by_hand(agent, variables, init_obs, init_act)
+    for got, expected in [(next_state.rew_end_hx_cx, rew_end_hx_cx), (next_state.ac_hx_cx, ac_hx_cx)]:
+        for got_part, expected_part in zip(got, expected):  # hx and cx
+            np.testing.assert_allclose(np.asarray(got_part)[rows], expected_part, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(next_state.obs)[rows], init_obs)
+    np.testing.assert_array_equal(np.asarray(next_state.act)[rows], init_act)
+    np.testing.assert_array_equal(np.asarray(next_state.ep_len)[rows], 0)
+    # The states are not trivially equal to zero states, so the comparison means something.
+    assert np.abs(np.asarray(ac_hx_cx[1])).max() > 1e-3 and np.abs(np.asarray(rew_end_hx_cx[1])).max() > 1e-3
 
 
 def test_policy_and_value_start_at_zero(world):

@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from diamond_jax.data.replay import ReplayDataset, synthetic_replay
+from diamond_jax.benchmarking.fixtures import synthetic_replay
+from diamond_jax.data.replay import ReplayDataset
 from diamond_jax.training import parallel, phases, steps
 
 

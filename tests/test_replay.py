@@ -2,6 +2,8 @@
 persistence (bit-exact, incremental, crash-safe, truncation) and memory."""
 
 import functools
+import json
+import logging
 import os
 
 import chex
@@ -10,8 +12,9 @@ import numpy as np
 import pytest
 
 from configs import atari100k
-from diamond_jax.data import replay as replay_lib
-from diamond_jax.data.replay import ReplayDataset, draw_segments, gather_segments, sample_segments
+from diamond_jax.data import files as files_lib, replay as replay_lib
+from diamond_jax.data.replay import ReplayDataset
+from diamond_jax.data.sampling import draw_segments, gather_segments, sample_segments
 from diamond_jax.training import parallel
 
 SHAPE = (2, 3, 3)
@@ -270,7 +273,7 @@ def test_an_interrupted_save_keeps_the_previous_state_loadable(tmp_path, monkeyp
     append_continuing(r, 0, rng, 3, "end")
     append_continuing(r, 1, rng, 2)
 
-    real_write_array = replay_lib._write_array_atomic
+    real_write_array = files_lib.write_array_atomic
 
     def crash_after_one_chunk(path, array):
         real_write_array(path, array)  # one chunk file written in full, a partial one next to it...
@@ -284,9 +287,9 @@ def test_an_interrupted_save_keeps_the_previous_state_loadable(tmp_path, monkeyp
         raise KeyboardInterrupt("killed while saving")
 
     if crash_in == "frames":
-        monkeypatch.setattr(replay_lib, "_write_array_atomic", crash_after_one_chunk)
+        monkeypatch.setattr(files_lib, "write_array_atomic", crash_after_one_chunk)
     else:
-        monkeypatch.setattr(replay_lib, "_write_index_atomic", crash_before_renaming_the_index)
+        monkeypatch.setattr(files_lib, "write_index_atomic", crash_before_renaming_the_index)
     with pytest.raises(KeyboardInterrupt):
         r.save(tmp_path)
     monkeypatch.undo()
@@ -362,3 +365,162 @@ def test_device_mirror_replicated_over_a_mesh():
     for x, y in zip(sample(device, jax.random.key(0), 8, 5, WEIGHTS, True),
                     sample(plain.device_replay(), jax.random.key(0), 8, 5, WEIGHTS, True)):
         np.testing.assert_array_equal(x, y)
+
+
+def two_saves(directory):
+    """Save 1: lane 0 episode 0 (3 steps, ended), lane 1 episode 1 (2 steps, in progress): chunks 0 (lane 0,
+    slots 0-3) and 1 (lane 1, slots 0-2). Save 2: episode 1 goes on 2 steps and ends, lane 0 episode 2
+    (3 steps, in progress), lane 1 episode 3 (2 steps, cut): chunks 2 (lane 0, slots 4-7) and 3 (lane 1,
+    slots 3-7). Returns the dataset and each append's arguments, in order."""
+    rng = np.random.default_rng(20)
+    r = ReplayDataset(2, SHAPE)
+    appends = [(0, random_steps(rng, 3, "end")), (1, random_steps(rng, 2))]
+    for lane, steps in appends:
+        r.append(lane, *steps)
+    r.save(directory)
+    continued = random_steps(rng, 2, "end")
+    continued[0][0] = appends[1][1][5]  # continues from episode 1's current frame
+    later = [(1, continued), (0, random_steps(rng, 3)), (1, random_steps(rng, 2, "trunc"))]
+    for lane, steps in later:
+        r.append(lane, *steps)
+    r.save(directory)
+    return r, appends + later
+
+
+def damage(path, how):
+    if how == "missing":
+        os.remove(path)
+    elif how == "truncated":
+        data = path.read_bytes()
+        path.write_bytes(data[:len(data) // 2])
+    else:  # garbled: the last frame bytes change, the .npy stays readable
+        data = bytearray(path.read_bytes())
+        data[-5:] = bytes(255 - b for b in data[-5:])
+        path.write_bytes(bytes(data))
+
+
+def built_by_hand(episodes):
+    """A dataset made by appends alone: (lane, obs, act, rew, end, trunc, last_obs) per episode, in id order."""
+    r = ReplayDataset(2, SHAPE)
+    for lane, *steps in episodes:
+        r.append(lane, *steps)
+    return r
+
+
+@pytest.mark.parametrize("how", ["missing", "truncated", "garbled"])
+@pytest.mark.parametrize("chunk", [1, 2, 3])
+def test_a_damaged_chunk_is_named_and_the_longest_consistent_prefix_is_kept(tmp_path, caplog, how, chunk):
+    r, appends = two_saves(tmp_path)
+    summary = r.summary()
+    ep = [r.episode(i) for i in range(r.num_episodes)]
+    damage(tmp_path / "frames" / f"{chunk:08d}.npy", how)
+    loaded = ReplayDataset.load(tmp_path, up_to=summary)
+    path = str(tmp_path / "frames" / f"{chunk:08d}.npy")
+    assert path in caplog.text and how in caplog.text.replace("CRC-32 differs", "garbled")
+
+    def whole(e, lane):
+        return (lane, ep[e]["obs"][:-1], ep[e]["act"], ep[e]["rew"], ep[e]["end"], ep[e]["trunc"], ep[e]["obs"][-1])
+
+    if chunk == 1:  # lane 1 from slot 0: episode 1 and every later one are lost
+        expected, lost = built_by_hand([whole(0, 0)]), 4 + 3 + 2
+    elif chunk == 2:  # lane 0 from slot 4: episode 2 is lost, and episode 3, which started after it
+        expected, lost = built_by_hand([whole(0, 0), whole(1, 1)]), 3 + 2
+    else:  # lane 1 from slot 3: episode 1 keeps its first 2 steps and is cut there; episode 3 is lost
+        trunc = np.array([False, True])
+        cut = (1, ep[1]["obs"][:2], ep[1]["act"][:2], ep[1]["rew"][:2], ep[1]["end"][:2], trunc, ep[1]["obs"][2])
+        expected, lost = built_by_hand([whole(0, 0), cut, whole(2, 0)]), 2 + 2  # episode 2 stays in progress
+    assert loaded.num_lost_steps == lost and loaded.num_steps == 12 - lost  # 3 + 4 + 3 + 2 steps saved
+    expected.num_lost_steps = lost
+    assert_same_dataset(expected, loaded)
+    # Collection goes on: a new episode in a cut lane, the episode in progress elsewhere continued.
+    for x in (expected, loaded):
+        append_continuing(x, 1, np.random.default_rng(21), 2, "end")
+        append_continuing(x, 0, np.random.default_rng(22), 1)
+    assert_same_dataset(expected, loaded)
+    # The loss is recorded for good: a save and a load later, the dataset still says so.
+    loaded.save(tmp_path)
+    again = ReplayDataset.load(tmp_path)
+    assert again.num_lost_steps == lost and again.summary()["num_lost_steps"] == lost
+    assert_same_dataset(expected, again)
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbled", "missing"])
+def test_a_damaged_index_is_named_with_the_fix(tmp_path, how):
+    two_saves(tmp_path)
+    index = tmp_path / "index.npz"
+    if how == "missing":
+        os.remove(index)
+        with pytest.raises(FileNotFoundError, match="missing index.npz"):
+            ReplayDataset.load(tmp_path)
+        return
+    data = bytearray(index.read_bytes())
+    if how == "truncated":
+        data = data[:len(data) // 2]
+    else:
+        data[len(data) // 3:len(data) // 3 + 64] = bytes(64)
+    index.write_bytes(bytes(data))
+    with pytest.raises(files_lib.ReplayDamaged, match=f"{index} is damaged.*Fix: restore") as error:
+        ReplayDataset.load(tmp_path)
+    assert "pickle" not in str(error.value)
+
+
+def write_version_1(directory, rng):
+    """A replay directory as the first release laid it out (format version 1: chunk rows (lane, start slot,
+    frames, file id), no CRC-32, no count of lost steps), written with numpy alone. Lane 0: episode 0, 2 steps,
+    ended. Lane 1: episode 1, 3 steps so far, in progress, its frames saved in two chunks. Returns the
+    episodes as (lane, obs, act, rew, end, trunc, last_obs)."""
+    frames = [rng.integers(0, 256, (3,) + SHAPE, dtype=np.uint8), rng.integers(0, 256, (4,) + SHAPE, dtype=np.uint8)]
+    act = [np.array([1, 3, 0], np.int32), np.array([2, 0, 1, 0], np.int32)]  # slot L of an episode: no step data
+    rew = [np.array([0.0, 5.0, 0.0], np.float32), np.array([-1.0, 0.0, 1.0, 0.0], np.float32)]
+    end = [np.array([False, True, False]), np.zeros(4, bool)]
+    trunc = [np.zeros(3, bool), np.zeros(4, bool)]
+    os.makedirs(directory / "frames")
+    for file_id, chunk in enumerate([frames[0], frames[1][:2], frames[1][2:]]):
+        np.save(directory / "frames" / f"{file_id:08d}.npy", chunk)
+    meta = {"version": 1, "num_lanes": 2, "frame_shape": list(SHAPE), "initial_capacity": 4 * 1024,
+            "initial_episode_capacity": 4 * 256}
+    index = {"meta": np.array(json.dumps(meta)), "chunks": np.array([[0, 0, 3, 0], [1, 0, 2, 1], [1, 2, 2, 2]]),
+             "lane_sizes": np.array([3, 4]), "ep_lane": np.array([0, 1], np.int32),
+             "ep_start": np.array([0, 0], np.int32), "ep_length": np.array([2, 3], np.int32),
+             "ep_finished": np.array([True, False])}
+    for i in range(2):
+        index.update({f"act_{i}": act[i], f"rew_{i}": rew[i], f"end_{i}": end[i], f"trunc_{i}": trunc[i]})
+    np.savez(directory / "index.npz", **index)
+    return [(i, frames[i][:-1], act[i][:-1], rew[i][:-1], end[i][:-1], trunc[i][:-1], frames[i][-1]) for i in range(2)]
+
+
+def test_a_version_1_directory_loads_and_resumes(tmp_path, caplog):
+    """Runs made with the first release resume: its directories load (unchecked, said in the log), also up to
+    a checkpoint's version-1 summary, and the next save upgrades them, CRC-32s of the old chunks included."""
+    caplog.set_level(logging.INFO)
+    episodes = write_version_1(tmp_path, np.random.default_rng(30))
+    loaded = ReplayDataset.load(tmp_path)
+    assert "format version 1, written without checksums" in caplog.text
+    assert loaded.num_episodes == 2 and loaded.num_steps == 5 and loaded.num_lost_steps == 0
+    for e, (_, obs, act, rew, end, trunc, last) in enumerate(episodes):
+        ep = loaded.episode(e)
+        np.testing.assert_array_equal(ep["obs"], np.concatenate([obs, last[None]]))
+        for name, value in (("act", act), ("rew", rew), ("end", end), ("trunc", trunc)):
+            np.testing.assert_array_equal(ep[name], value)
+    assert_same_dataset(built_by_hand(episodes), loaded)
+
+    # The checkpoint of the run may hold an older summary: lane 1 one step shorter, its episode in progress.
+    v1_summary = {"version": 1, "num_episodes": 2, "lane_sizes": [3, 3], "num_steps": 4}
+    lane, obs, act, rew, end, trunc, _ = episodes[1]
+    shorter = [episodes[0], (lane, obs[:2], act[:2], rew[:2], end[:2], trunc[:2], obs[2])]
+    cut = ReplayDataset.load(tmp_path, up_to=v1_summary)
+    assert_same_dataset(built_by_hand(shorter), cut)
+
+    # Collection goes on and saves in the current format, which records the old chunks' CRC-32s.
+    expected = built_by_hand(shorter)
+    for x in (expected, cut):
+        append_continuing(x, 1, np.random.default_rng(31), 2, "end")
+    cut.save(tmp_path)
+    assert json.loads(str(np.load(tmp_path / "index.npz")["meta"]))["version"] == files_lib.FORMAT_VERSION
+    assert_same_dataset(expected, ReplayDataset.load(tmp_path))
+    # A crash before the next checkpoint resumes from the version-1 summary in the upgraded directory.
+    assert_same_dataset(built_by_hand(shorter), ReplayDataset.load(tmp_path, up_to=v1_summary))
+    damage(tmp_path / "frames" / "00000000.npy", "garbled")
+    caplog.clear()
+    assert ReplayDataset.load(tmp_path).num_lost_steps == 2 + 4  # lane 0's episode, then every later one
+    assert "00000000.npy" in caplog.text and "CRC-32 differs" in caplog.text

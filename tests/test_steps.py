@@ -1,5 +1,3 @@
-import functools
-
 import chex
 import jax
 import jax.numpy as jnp
@@ -36,10 +34,20 @@ def test_weight_decay_only_on_weights():
 def test_gradient_clipping_by_global_norm():
     params = {"kernel": jnp.zeros(2)}
     opt = steps.make_optimizer(lr=1.0, weight_decay=0.0, eps=0.0, warmup_steps=0, max_grad_norm=1.0)
-    # Adam's first step is lr * sign(g) whatever the scale, so look at the clipped gradient in the moments.
-    _, state = opt.update({"kernel": jnp.array([30.0, 40.0])}, opt.init(params), params)
-    mu = state[1][0].mu["kernel"]
-    np.testing.assert_allclose(mu / 0.1, [0.6, 0.8], rtol=1e-5)
+    # Adam's first step is lr * sign(g) whatever the scale; the second shows what the first gradient was.
+    grads = [np.array([30.0, 40.0]), np.array([0.3, 0.4])]  # global norms 50 (clipped to 1) and 0.5 (kept)
+    state = opt.init(params)
+    for g in grads:
+        updates, state = opt.update({"kernel": jnp.asarray(g, jnp.float32)}, state, params)
+
+    def adam_second_step(g_1, g_2, b1=0.9, b2=0.999):
+        m = b1 * (1 - b1) * g_1 + (1 - b1) * g_2
+        v = b2 * (1 - b2) * g_1 ** 2 + (1 - b2) * g_2 ** 2
+        return -(m / (1 - b1 ** 2)) / np.sqrt(v / (1 - b2 ** 2))
+
+    clipped = grads[0] / np.linalg.norm(grads[0])
+    np.testing.assert_allclose(updates["kernel"], adam_second_step(clipped, grads[1]), rtol=1e-4)  # -0.932, float32
+    assert not np.allclose(adam_second_step(grads[0], grads[1]), adam_second_step(clipped, grads[1]), rtol=0.1)
 
 
 def debug_setup(batch_size=4, lr=None):

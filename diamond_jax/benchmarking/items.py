@@ -6,28 +6,21 @@ mapped to [-1, 1], actions uniform, rewards in {-1, 0, 1}, no padding and no end
 """
 
 import functools
-import time
 from typing import Any, Callable, Dict, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 from ml_collections import config_dict
 
-from diamond_jax import envs, imagination
+from diamond_jax import imagination
 from diamond_jax.agent import Agent, AgentVariables
+from diamond_jax.benchmarking import fixtures
 from diamond_jax.benchmarking.timing import Program, next_state, same_args
-from diamond_jax.data import replay
 from diamond_jax.data.batch import Batch, obs_from_frames
-from diamond_jax.data.replay import ReplayDataset
-from diamond_jax.envs.collect import TrainCollector
 from diamond_jax.imagination import ActorCriticInputs, InitialConditions
 from diamond_jax.models.actor_critic import ActorCritic, compute_lambda_returns
 from diamond_jax.models.denoiser import stack_frames
 from diamond_jax.training import parallel, steps
-
-# benchmark_sampling draws batches of this many segments, whatever the config says.
-SAMPLING_BATCH_SIZE = 32
-
 
 class Setup(NamedTuple):
     config: config_dict.ConfigDict
@@ -291,33 +284,22 @@ def lambda_returns(setup: Setup) -> Item:
                 "returns/s", program=Program(jitted, args, same_args))
 
 
-def benchmark_collection(config: config_dict.ConfigDict, num_steps: int) -> float:
-    """Agent steps per second of the training collector, the policy (randomly initialised) acting and the
-    replay dataset filling, after a warm-up that compiles the policy."""
-    actor_critic = ActorCritic.from_config(config, envs.num_actions(config))
-    variables = actor_critic.init(jax.random.key(0), config.env.size)
-    collector = TrainCollector(config, actor_critic, ReplayDataset.from_config(config), jax.random.key(1), 0)
-    collector.collect(variables, collector.num_envs)
-    start = time.perf_counter()
-    collector.collect(variables, num_steps)
-    return num_steps / (time.perf_counter() - start)
-
-
 def collection(setup: Setup) -> Item:
     config, num_steps = setup.config, setup.collection_steps
-    return Item(f"benchmark_collection: {num_steps} agent steps per repeat of {config.game} in "
+    return Item(f"fixtures.benchmark_collection: {num_steps} agent steps per repeat of {config.game} in "
                 f"{config.collection.train.num_envs} env(s), the policy acting (epsilon-greedy), the replay "
                 f"filling; a time per call is per agent step", None, config.collection.train.num_envs, 1,
-                "env steps/s", rate=lambda: benchmark_collection(config, num_steps))
+                "env steps/s", rate=lambda: fixtures.benchmark_collection(config, num_steps))
 
 
 def sampling(setup: Setup) -> Item:
     config, num_batches = setup.config, setup.sampling_batches
     seq_length = config.rew_end_model.training.seq_length
-    return Item(f"replay.benchmark_sampling: {num_batches} batches of {SAMPLING_BATCH_SIZE} segments of "
+    batch_size = fixtures.REFERENCE_BATCH_SIZE
+    return Item(f"fixtures.benchmark_sampling: {num_batches} batches of {batch_size} segments of "
                 f"{seq_length} steps per repeat from a synthetic replay of the whole budget; a time per call is "
-                f"per batch", None, SAMPLING_BATCH_SIZE, SAMPLING_BATCH_SIZE, "segments/s",
-                rate=lambda: replay.benchmark_sampling(config, num_batches))
+                f"per batch", None, batch_size, batch_size, "segments/s",
+                rate=lambda: fixtures.benchmark_sampling(config, num_batches))
 
 
 ITEMS: Dict[str, Callable[[Setup], Item]] = {

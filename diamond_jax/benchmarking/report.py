@@ -6,11 +6,9 @@ from typing import Any, Dict, List, Optional, Sequence
 from ml_collections import config_dict
 
 from diamond_jax.agent import MODEL_NAMES
+from diamond_jax.benchmarking.fixtures import REFERENCE_BATCH_SIZE
 from diamond_jax.benchmarking.items import Item
 from diamond_jax.benchmarking.timing import MIB
-
-# bench_torch.py times batch 32 in every item.
-REFERENCE_BATCH_SIZE = 32
 
 
 def item_record(item: Item, measured: Dict[str, Any], peak_tflops: Optional[float], num_devices: int,

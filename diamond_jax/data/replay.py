@@ -1,5 +1,6 @@
-"""The replay dataset: episodes stored whole, a mirror on the JAX device, segment sampling
-as a pure JAX function, and incremental, crash-safe persistence.
+"""The replay dataset: episodes stored whole on the host, a mirror on the JAX device, and incremental,
+crash-safe persistence that keeps what it can of a damaged directory. Segment sampling from the mirror is in
+data/sampling.py, the file format in data/files.py.
 
 Layout. Episodes live in per-env lanes, so that storage stays append-only while several envs collect at
 once. In a lane, an episode of L steps occupies L + 1 consecutive slots: slot k < L holds frame obs_k and
@@ -13,22 +14,20 @@ Device mirror. `ReplayDataset.device_replay()` returns the whole dataset as a `D
 device, brought up to date by jitted, donated in-place writes of only what changed since the last call.
 Writes are padded to fixed chunks so that few programs are compiled, and capacities are powers of two
 times the initial ones, chosen from the dataset's size alone: a dataset restored from disk has exactly the
-shapes (and so the samples) of the one that was saved. `sample_segments` runs on that pytree inside jit;
-its compiled program depends on the capacities only, so it does not recompile as the dataset grows
-within them. The host keeps its own copy (frames in fixed blocks, never copied to grow), which saving and
-`episode()` read; 100k steps of 64x64 frames take about 1.3 GB on the host and 1.6 GB on the device.
+shapes (and so the samples) of the one that was saved. The host keeps its own copy (frames in fixed
+blocks, never copied to grow), which saving and `episode()` read; 100k steps of 64x64 frames take about
+1.3 GB on the host and 1.6 GB on the device.
 
-Persistence. A directory holds `frames/<id>.npy` chunk files, each the frames one save added to one lane,
-and `index.npz` (episode table, step data, lane sizes, the list of chunks). A save writes only the new
-frames, as new files, then the index aside and renames it into place last; files that no index references
-(left by an interrupted save) are deleted by the next load or save. `load(directory, up_to=summary)` cuts
-the dataset back to the state described by an earlier `summary()`.
+Persistence. A save writes only the new frames, as new chunk files, then the index; files that no index
+references (left by an interrupted save) are deleted by the next load or save. `load(directory,
+up_to=summary)` cuts the dataset back to the state described by an earlier `summary()`. A missing,
+truncated or garbled chunk (each has a CRC-32 in the index) is reported by name and the dataset is cut to
+the longest consistent prefix before it (`num_lost_steps` counts the steps lost, for good).
 """
 
 import json
+import logging
 import os
-import re
-import time
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import chex
@@ -36,15 +35,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diamond_jax.data.batch import Batch, obs_from_frames
+from diamond_jax.data import files
+from diamond_jax.data.files import FORMAT_VERSION, FRAMES_DIR, INDEX_FILE
 
 CHUNK_SLOTS = 1024  # slots per device write; lanes keep room for one more chunk past their end
 CHUNK_EPISODES = 256  # episode-table rows per device write
 BLOCK_SLOTS = 1024  # host frames live in blocks of this many slots, so growing never copies frames
-FORMAT_VERSION = 1
-INDEX_FILE = "index.npz"
-FRAMES_DIR = "frames"
-_CHUNK_FILE = re.compile(r"^(\d{8})\.npy$")
 
 
 class DeviceReplay(NamedTuple):
@@ -233,10 +229,12 @@ class ReplayDataset:
         # The device mirror is stale from these slots / table rows on.
         self._dirty_slot = [0] * num_lanes
         self._dirty_episode = 0
-        # Persistence: frame chunk files already written to self._save_dir, as rows (lane, start, count, file id).
+        # Persistence: frame chunk files already written to self._save_dir, as rows (lane, start, count, file id,
+        # CRC-32).
         self._save_dir: Optional[str] = None
-        self._chunks = np.zeros((0, 4), np.int64)
+        self._chunks = np.zeros((0, files.CHUNK_COLUMNS), np.int64)
         self._saved_size = [0] * num_lanes
+        self.num_lost_steps = 0  # steps collected but lost to a damaged directory (see `load`)
 
     @classmethod
     def from_config(cls, config, sharding: Optional[jax.sharding.Sharding] = None) -> "ReplayDataset":
@@ -333,7 +331,7 @@ class ReplayDataset:
     def summary(self) -> Dict[str, Any]:
         """A small JSON-able description of the current contents, for `load(directory, up_to=...)`."""
         return {"version": FORMAT_VERSION, "num_episodes": self.num_episodes, "lane_sizes": self.lane_sizes,
-                "num_steps": self.num_steps}
+                "num_steps": self.num_steps, "num_lost_steps": self.num_lost_steps}
 
     # ---- Device mirror.
 
@@ -365,22 +363,23 @@ class ReplayDataset:
 
     def save(self, directory: str) -> None:
         """Writes the frames added since the last save as new chunk files, then the index (episode table,
-        step data, chunk list) aside and renames it last: a crash at any point leaves the previous save
-        loadable. Saving to a new directory writes everything."""
+        step data, chunk list with checksums) aside and renames it last: a crash at any point leaves the
+        previous save loadable. Saving to a new directory writes everything."""
         directory = os.path.abspath(directory)
         frames_dir = os.path.join(directory, FRAMES_DIR)
         os.makedirs(frames_dir, exist_ok=True)
         if directory != self._save_dir:
-            self._chunks = np.zeros((0, 4), np.int64)
+            self._chunks = np.zeros((0, files.CHUNK_COLUMNS), np.int64)
             self._saved_size = [0] * self.num_lanes
         # Never overwrite a file that the index on disk may still reference.
-        next_id = 1 + max([-1] + _chunk_file_ids(frames_dir) + self._chunks[:, 3].tolist())
+        next_id = 1 + max([-1] + files.chunk_file_ids(frames_dir) + self._chunks[:, 3].tolist())
         chunks = [self._chunks]
         for i, lane in enumerate(self._lanes):
             if lane.size > self._saved_size[i]:
                 frames = lane.read_frames(self._saved_size[i], lane.size)
-                _write_array_atomic(os.path.join(frames_dir, f"{next_id:08d}.npy"), frames)
-                chunks.append(np.array([[i, self._saved_size[i], len(frames), next_id]], np.int64))
+                files.write_array_atomic(os.path.join(frames_dir, files.chunk_name(next_id)), frames)
+                chunks.append(np.array([[i, self._saved_size[i], len(frames), next_id, files.checksum(frames)]],
+                                       np.int64))
                 next_id += 1
         chunks = np.concatenate(chunks)
         n = self.num_episodes
@@ -388,7 +387,7 @@ class ReplayDataset:
             "meta": np.array(json.dumps({
                 "version": FORMAT_VERSION, "num_lanes": self.num_lanes, "frame_shape": self.frame_shape,
                 "initial_capacity": self.initial_capacity,
-                "initial_episode_capacity": self.initial_episode_capacity})),
+                "initial_episode_capacity": self.initial_episode_capacity, "num_lost_steps": self.num_lost_steps})),
             "chunks": chunks, "lane_sizes": np.array(self.lane_sizes, np.int64),
             "ep_lane": self._ep_lane[:n], "ep_start": self._ep_start[:n], "ep_length": self._ep_length[:n],
             "ep_finished": self._ep_finished[:n],
@@ -396,48 +395,63 @@ class ReplayDataset:
         for i, lane in enumerate(self._lanes):
             for name, value in zip(("act", "rew", "end", "trunc"), lane.read_steps(0, lane.size)):
                 index[f"{name}_{i}"] = value
-        _write_index_atomic(os.path.join(directory, INDEX_FILE), index)
+        files.write_index_atomic(os.path.join(directory, INDEX_FILE), index)
         self._save_dir, self._chunks, self._saved_size = directory, chunks, self.lane_sizes
-        _remove_unreferenced(frames_dir, chunks[:, 3])
+        files.remove_unreferenced(frames_dir, chunks[:, 3])
 
     @classmethod
     def load(cls, directory: str, up_to: Optional[Dict[str, Any]] = None,
              sharding: Optional[jax.sharding.Sharding] = None) -> "ReplayDataset":
         """Restores a saved dataset bit-exactly; with up_to (a `summary()` of an earlier state of the same
-        dataset), restores that earlier state. Files left by an interrupted save are deleted."""
+        dataset), restores that earlier state. Files left by an interrupted save are deleted.
+
+        A missing, truncated or garbled chunk file is logged by name, and the dataset is cut to the longest
+        consistent prefix before it: in its lane, the slots from the damaged chunk on; everywhere, the
+        episodes that started after the first lost slot of their lane. Episodes cut short end with trunc
+        set, so that collection goes on in new episodes; `num_lost_steps` grows by the steps lost. A damaged
+        index loses everything and raises files.ReplayDamaged, naming it."""
         directory = os.path.abspath(directory)
         path = os.path.join(directory, INDEX_FILE)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no replay dataset in {directory} (missing {INDEX_FILE})")
-        with np.load(path) as f:
-            index = {k: f[k] for k in f.files}
-        meta = json.loads(str(index["meta"]))
-        if meta["version"] != FORMAT_VERSION:
-            raise ValueError(f"{path} has format version {meta['version']}, this code reads {FORMAT_VERSION}")
+        meta, index = files.read_index(path)
         frames_dir = os.path.join(directory, FRAMES_DIR)
-        _remove_unreferenced(frames_dir, index["chunks"][:, 3])
+        files.remove_unreferenced(frames_dir, index["chunks"][:, 3])
         if os.path.exists(path + ".tmp"):
             os.remove(path + ".tmp")
         replay = cls(meta["num_lanes"], tuple(meta["frame_shape"]), meta["initial_capacity"],
                      meta["initial_episode_capacity"], sharding)
         sizes = index["lane_sizes"].tolist()
         n = len(index["ep_length"])
-        ep_length, ep_finished = index["ep_length"].copy(), index["ep_finished"].copy()
+        replay.num_lost_steps = meta["num_lost_steps"]
         if up_to is not None:
             n, sizes = _check_up_to(up_to, n, sizes, directory)
-            # An episode in progress at that time had fewer steps and was not finished yet.
-            ep_length = np.minimum(ep_length[:n], np.array(sizes)[index["ep_lane"][:n]] - index["ep_start"][:n] - 1)
-            ep_finished = ep_finished[:n] & (ep_length == index["ep_length"][:n])
+            replay.num_lost_steps = up_to.get("num_lost_steps", 0)  # a version-1 summary predates lost steps
+        ep_lane, ep_start = index["ep_lane"][:n], index["ep_start"][:n]
+        kept, damaged = replay._read_chunks(frames_dir, index["chunks"], sizes)
+        lost = 0
+        if damaged:
+            steps_before = _num_steps(ep_lane, ep_start, index["ep_length"][:n], sizes)
+            n, cut_sizes = _prefix_before(ep_lane, ep_start, index["ep_length"][:n], sizes, kept)
+            lost = steps_before - _num_steps(ep_lane[:n], ep_start[:n], index["ep_length"][:n], cut_sizes)
+            cut_lanes = [i for i in range(replay.num_lanes) if cut_sizes[i] < sizes[i]]
+            logging.warning(
+                "replay %s: %s. Kept the %d steps before the first loss in every lane, lost %d steps (%d lost "
+                "before) of lanes %s; their episodes cut short now end with trunc set and collection goes on in "
+                "new episodes.", directory, "; ".join(damaged), steps_before - lost, lost, replay.num_lost_steps,
+                cut_lanes)
+            replay.num_lost_steps += lost
+            for i in cut_lanes:  # frames read past the cut are not part of the dataset
+                replay._lanes[i].write_frames(cut_sizes[i], np.zeros((sizes[i] - cut_sizes[i],) + replay.frame_shape,
+                                                                     np.uint8))
+            sizes = cut_sizes
+            ep_lane, ep_start = ep_lane[:n], ep_start[:n]
+        # An episode in progress at that time had fewer steps and was not finished yet.
+        ep_length = np.minimum(index["ep_length"][:n], np.array(sizes)[ep_lane] - ep_start - 1)
+        ep_finished = index["ep_finished"][:n] & (ep_length == index["ep_length"][:n])
         replay.num_episodes = n
-        replay._ep_lane, replay._ep_start = index["ep_lane"][:n].copy(), index["ep_start"][:n].copy()
-        replay._ep_length, replay._ep_finished = ep_length.astype(np.int32), ep_finished
-        kept = []
-        for lane_id, start, count, file_id in index["chunks"]:
-            count = min(count, sizes[lane_id] - start)
-            if count > 0:
-                frames = np.load(os.path.join(frames_dir, f"{file_id:08d}.npy"), mmap_mode="r")[:count]
-                replay._lanes[lane_id].write_frames(int(start), frames)
-                kept.append((lane_id, start, count, file_id))
+        replay._ep_lane, replay._ep_start = ep_lane.copy(), ep_start.copy()
+        replay._ep_length, replay._ep_finished = ep_length.astype(np.int32), ep_finished.copy()
         for i, lane in enumerate(replay._lanes):
             lane.size = sizes[i]
             is_step = np.zeros(lane.size, bool)
@@ -447,197 +461,79 @@ class ReplayDataset:
             # Slots that are not steps (the frame after each episode's last step) carry no step data.
             steps = [np.where(is_step, index[f"{name}_{i}"][:lane.size], 0).astype(index[f"{name}_{i}"].dtype)
                      for name in ("act", "rew", "end", "trunc")]
+            in_progress = np.flatnonzero((replay._ep_lane == i) & ~replay._ep_finished)
+            if damaged and len(in_progress) and i in cut_lanes:
+                # The envs went on past what was kept: this episode cannot be continued, it was cut.
+                e = int(in_progress[-1])
+                steps[3][replay._ep_start[e] + replay._ep_length[e] - 1] = True
+                replay._ep_finished[e] = True
+                in_progress = in_progress[:-1]
             lane.write_steps(0, *steps)
             replay.counts_rew += np.bincount(np.sign(steps[1][is_step]).astype(np.int64) + 1, minlength=3)
             replay.counts_end += np.bincount(steps[2][is_step].astype(np.int64), minlength=2)
-            in_progress = np.flatnonzero((replay._ep_lane == i) & ~replay._ep_finished)
             if len(in_progress):
                 replay._open[i] = int(in_progress[-1])
         replay._save_dir, replay._saved_size = directory, list(sizes)
-        replay._chunks = np.array(kept, np.int64).reshape(-1, 4)
-        if up_to is not None and replay.num_steps != up_to["num_steps"]:
+        replay._chunks = np.array([(lane, start, min(count, sizes[lane] - start), file_id, crc)
+                                   for lane, start, count, file_id, crc in kept if sizes[lane] > start],
+                                  np.int64).reshape(-1, files.CHUNK_COLUMNS)
+        if up_to is not None and replay.num_steps + lost != up_to["num_steps"]:
             raise ValueError(f"{directory} does not hold the dataset described by up_to={up_to} "
                              f"(it has {replay.num_steps} steps there); was it saved by another run?")
         return replay
 
+    def _read_chunks(self, frames_dir: str, chunks: np.ndarray, sizes: List[int]
+                     ) -> Tuple[List[Tuple[int, ...]], List[str]]:
+        """Writes the frames of lane slots [0, sizes) from their chunk files, lane by lane in slot order,
+        stopping a lane at its first unreadable chunk. Returns the chunks read (rows) and what was wrong."""
+        kept, damaged = [], []
+        broken = [False] * self.num_lanes
+        for row in sorted(chunks.tolist(), key=lambda r: (r[0], r[1])):
+            lane, start, count, file_id, crc = row
+            if broken[lane] or start >= sizes[lane]:
+                continue
+            path = os.path.join(frames_dir, files.chunk_name(file_id))
+            try:
+                frames, crc = files.read_chunk(path, count, self.frame_shape, crc)
+            except (OSError, ValueError) as error:
+                why = "missing" if isinstance(error, FileNotFoundError) else f"damaged: {error}"
+                damaged.append(f"{path} (lane {lane}, slots {start}-{start + count - 1}) is {why}")
+                broken[lane] = True
+                continue
+            self._lanes[lane].write_frames(start, frames[:sizes[lane] - start])
+            kept.append((lane, start, count, file_id, crc))
+        return kept, damaged
+
 
 def _check_up_to(up_to: Dict[str, Any], n: int, sizes: List[int], directory: str) -> Tuple[int, List[int]]:
-    if (up_to.get("version") != FORMAT_VERSION or len(up_to["lane_sizes"]) != len(sizes)
+    # A checkpoint's summary may be older than the directory, which the first save after a resume upgrades.
+    if (up_to.get("version") not in files.READABLE_VERSIONS or len(up_to["lane_sizes"]) != len(sizes)
             or up_to["num_episodes"] > n or any(a > b for a, b in zip(up_to["lane_sizes"], sizes))):
         raise ValueError(f"up_to={up_to} is not an earlier state of the dataset in {directory} ({n} episodes, "
                          f"lane sizes {sizes}). Fix: pass the summary() stored with the checkpoint of this run.")
     return int(up_to["num_episodes"]), [int(s) for s in up_to["lane_sizes"]]
 
 
-def _chunk_file_ids(frames_dir: str) -> List[int]:
-    return [int(m.group(1)) for m in map(_CHUNK_FILE.match, os.listdir(frames_dir)) if m]
+def _num_steps(ep_lane: np.ndarray, ep_start: np.ndarray, ep_length: np.ndarray, sizes: List[int]) -> int:
+    """Steps of the episodes when their lanes are cut to `sizes` (an episode keeps the slots before its lane's
+    size but one, the frame after its last step)."""
+    return int(np.maximum(np.minimum(ep_length, np.array(sizes)[ep_lane] - ep_start - 1), 0).sum())
 
 
-def _remove_unreferenced(frames_dir: str, file_ids: np.ndarray) -> None:
-    if not os.path.isdir(frames_dir):
-        return
-    keep = {f"{i:08d}.npy" for i in file_ids.tolist()}
-    for name in os.listdir(frames_dir):
-        if name not in keep:
-            os.remove(os.path.join(frames_dir, name))
+def _prefix_before(ep_lane: np.ndarray, ep_start: np.ndarray, ep_length: np.ndarray, sizes: List[int],
+                   kept: List[Tuple[int, ...]]) -> Tuple[int, List[int]]:
+    """(episodes, lane sizes) of the longest consistent prefix whose frames are all in the `kept` chunks.
 
-
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_array_atomic(path: str, array: np.ndarray) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _write_index_atomic(path: str, arrays: Dict[str, np.ndarray]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_dir(os.path.join(os.path.dirname(path), FRAMES_DIR))  # the chunk files it references are durable
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path))
-
-
-# ---- Sampling.
-
-
-def episode_weights(ep_length: jax.Array, num_episodes: jax.Array,
-                    sample_weights: Optional[Sequence[float]]) -> jax.Array:
-    """Unnormalised probabilities [ep_cap] of picking each episode, as the official BatchSampler.
-
-    With sample_weights (w_1..w_K) and at least K episodes, the episodes split by id into K groups of
-    num_episodes // K (the last one takes the remainder) and group g's weight w_g is spread evenly over its
-    episodes. Otherwise, episodes weigh their length. Rows past num_episodes weigh 0.
-    """
-    ids = jnp.arange(ep_length.shape[0])
-    valid = ids < num_episodes
-    by_length = jnp.where(valid, ep_length, 0).astype(jnp.float32)
-    if sample_weights is None:
-        return by_length
-    k = len(sample_weights)
-    group_size = num_episodes // k
-    group = jnp.minimum(ids // jnp.maximum(group_size, 1), k - 1)
-    size_of_group = jnp.where(group == k - 1, group_size + num_episodes % k, group_size)
-    by_group = jnp.asarray(sample_weights, jnp.float32)[group] / jnp.maximum(size_of_group, 1)
-    return jnp.where(num_episodes < k, by_length, jnp.where(valid, by_group, 0.0))
-
-
-def sample_segments(replay: DeviceReplay, key: jax.Array, batch_size: int, seq_length: int,
-                    sample_weights: Optional[Sequence[float]], can_sample_beyond_end: bool) -> Batch:
-    """A batch of segments of seq_length steps, drawn as the official BatchSampler does (`draw_segments`)
-    and cut with padding at the episode boundaries (`gather_segments`). Pure and jittable with batch_size,
-    seq_length, sample_weights (a tuple, or None) and can_sample_beyond_end static. The dataset must hold
-    at least one step."""
-    episode, start = draw_segments(replay, key, batch_size, seq_length, sample_weights, can_sample_beyond_end)
-    return gather_segments(replay, episode, start, seq_length)
-
-
-def draw_segments(replay: DeviceReplay, key: jax.Array, batch_size: int, seq_length: int,
-                  sample_weights: Optional[Sequence[float]], can_sample_beyond_end: bool
-                  ) -> Tuple[jax.Array, jax.Array]:
-    """Episode ids [b] and segment starts [b] (positions in the episode, negative before its start).
-
-    Episode by `episode_weights`, then a timestep t uniform among its L steps, then the segment:
-    - can_sample_beyond_end=False (denoiser, actor-critic burn-in): stop = min(L, t + 1 + U{0..seq_length-1}),
-      start = stop - seq_length: padding only before the episode's start;
-    - can_sample_beyond_end=True (reward/end model): start = t - U{0..seq_length-1}, stop = start + seq_length.
-    """
-    key_episode, key_t, key_offset = jax.random.split(key, 3)
-    episode = _draw_episodes(key_episode, episode_weights(replay.ep_length, replay.num_episodes, sample_weights),
-                             batch_size)
-    length = replay.ep_length[episode]
-    t = jax.random.randint(key_t, (batch_size,), 0, length)
-    offset = jax.random.randint(key_offset, (batch_size,), 0, seq_length)
-    if can_sample_beyond_end:
-        return episode, t - offset
-    return episode, jnp.minimum(length, t + 1 + offset) - seq_length
-
-
-def _draw_episodes(key: jax.Array, weights: jax.Array, batch_size: int) -> jax.Array:
-    """Indices drawn with probability proportional to weights, by inverting the cumulative sum
-    (jax.random.categorical draws a Gumbel for every row and sample: 50 times slower on CPU)."""
-    cdf = jnp.cumsum(weights)
-    u = jax.random.uniform(key, (batch_size,)) * cdf[-1]
-    index = jnp.searchsorted(cdf, u, side="right")  # the first row whose interval holds u: never a 0 weight
-    # When u * total rounds up to total, take the last row that can be drawn.
-    last = jnp.max(jnp.where(weights > 0, jnp.arange(weights.shape[0]), 0))
-    return jnp.minimum(index, last).astype(jnp.int32)
-
-
-def gather_segments(replay: DeviceReplay, episode: jax.Array, start: jax.Array, seq_length: int) -> Batch:
-    """The segments [start, start + seq_length) of the given episodes.
-
-    Position k of an episode of L steps holds a real frame iff 0 <= k <= L (k = L: the frame after the last
-    step, the real final frame of an ended episode) and a real step iff 0 <= k < L; padding has obs 0,
-    act/rew/end/trunc 0 and mask_padding False.
-    """
-    b = episode.shape[0]
-    chex.assert_shape(start, (b,))
-    k = start[:, None] + jnp.arange(seq_length)  # [b, T]
-    length = replay.ep_length[episode][:, None]
-    frame_real = (k >= 0) & (k <= length)
-    step_real = (k >= 0) & (k < length)
-    lane = replay.ep_lane[episode][:, None]
-    slot = replay.ep_start[episode][:, None] + jnp.clip(k, 0, length)
-    obs = jnp.where(frame_real[..., None, None, None], obs_from_frames(replay.frames[lane, slot]), 0.0)
-    batch = Batch(
-        obs=obs,
-        act=jnp.where(step_real, replay.act[lane, slot], 0),
-        rew=jnp.where(step_real, replay.rew[lane, slot], 0.0),
-        end=jnp.where(step_real, replay.end[lane, slot], False).astype(jnp.int32),
-        trunc=jnp.where(step_real, replay.trunc[lane, slot], False).astype(jnp.int32),
-        mask_padding=step_real,
-    )
-    chex.assert_shape(batch.obs, (b, seq_length) + replay.frames.shape[2:])
-    chex.assert_shape([batch.act, batch.rew, batch.end, batch.trunc, batch.mask_padding], (b, seq_length))
-    return batch
-
-
-def synthetic_replay(config, seed: int = 0) -> ReplayDataset:
-    """A replay dataset holding the whole collection budget of `config` in episodes of 20 to 400 steps,
-    with random frames (for benchmarks)."""
-    rng = np.random.default_rng(seed)
-    t = config.collection.train
-    size = config.env.size
-    replay = ReplayDataset.from_config(config)
-    pool = rng.integers(0, 256, (256, size, size, 3), dtype=np.uint8)
-    for lane in range(t.num_envs):
-        remaining = t.num_steps_total // t.num_envs
-        while remaining:
-            k = min(remaining, int(rng.integers(20, 401)))
-            remaining -= k
-            end = np.zeros(k, bool)
-            end[-1] = True
-            replay.append(lane, pool[rng.integers(0, len(pool), k)], rng.integers(0, 4, k).astype(np.int32),
-                          rng.choice(np.array([-1.0, 0.0, 1.0], np.float32), k), end, np.zeros(k, bool),
-                          pool[rng.integers(0, len(pool))])
-    return replay
-
-
-def benchmark_sampling(config, num_batches: int, seq_length: Optional[int] = None) -> float:
-    """Segments per second of jitted `sample_segments` (batch 32, the reward/end model's segments of 19
-    steps with padding past the end unless seq_length is given) from a synthetic replay of the whole budget."""
-    batch_size = 32
-    seq_length = seq_length or config.rew_end_model.training.seq_length
-    device = synthetic_replay(config).device_replay()
-    sample = jax.jit(sample_segments, static_argnums=(2, 3, 4, 5))
-    weights = tuple(config.rew_end_model.training.sample_weights)
-    keys = jax.random.split(jax.random.key(0), num_batches + 1)
-    jax.block_until_ready(sample(device, keys[-1], batch_size, seq_length, weights, True))  # compiles
-    start = time.perf_counter()
-    for i in range(num_batches):
-        batch = sample(device, keys[i], batch_size, seq_length, weights, True)
-    jax.block_until_ready(batch)
-    return num_batches * batch_size / (time.perf_counter() - start)
+    Episode ids are in order of first appearance, so the prefix stops at the first episode that cannot keep
+    a step (its first two slots not both intact); each lane then ends with its last kept episode."""
+    readable = [0] * len(sizes)  # per lane, the slots [0, readable) lie in kept chunks
+    for lane, start, count, _, _ in kept:  # in slot order within a lane
+        if start == readable[lane]:
+            readable[lane] = min(start + count, sizes[lane])
+    intact = ep_start + 2 <= np.array(readable)[ep_lane]
+    n = int(np.argmin(intact)) if not intact.all() else len(intact)
+    cut = [0] * len(sizes)
+    for e in range(n):
+        lane = int(ep_lane[e])
+        cut[lane] = max(cut[lane], min(int(ep_start[e] + ep_length[e]) + 1, readable[lane]))
+    return n, cut

@@ -10,9 +10,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from diamond_jax.models.blocks import Conv, Dense, LSTMCell, SmallResBlock, flatten_chw, init_key
-
-HxCx = Tuple[jax.Array, jax.Array]
+from diamond_jax.models.blocks import Conv, Dense, HxCx, LSTMCell, SmallResBlock, flatten_chw, init_key
 
 
 class ActorCriticOutput(NamedTuple):

@@ -12,11 +12,12 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-GN_GROUP_SIZE = 32
+from diamond_jax.models.sizes import num_groups, num_heads
+
 GN_EPS = 1e-5
-ATTN_HEAD_DIM = 8
 
 Initializer = Callable[..., jax.Array]
+HxCx = Tuple[jax.Array, jax.Array]  # an LSTM state (hidden, cell), each [b, lstm_dim]
 
 # PyTorch's default for Linear and Conv weights: kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)).
 torch_default_kernel_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
@@ -36,10 +37,6 @@ def init_key(key: jax.Array) -> jax.Array:
     initialising even a tiny U-Net take over 10 s on a CPU; XLA's own bit generator compiles 3x faster.
     Deterministic for a given key on a given backend."""
     return jax.random.key(jax.random.bits(key, dtype=jnp.uint32), impl="unsafe_rbg")
-
-
-def num_groups(channels: int) -> int:
-    return max(1, channels // GN_GROUP_SIZE)
 
 
 class Dense(nn.Module):
@@ -90,7 +87,7 @@ class Conv(nn.Module):
 
 
 class GroupNorm(nn.Module):
-    """GroupNorm with groups of 32 channels (at least one group), learned affine."""
+    """GroupNorm with groups of GN_GROUP_SIZE channels (at least one group), learned affine."""
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -109,12 +106,12 @@ class AdaGroupNorm(nn.Module):
 
 
 class SelfAttention2d(nn.Module):
-    """Multi-head self-attention over the pixels, heads of 8 channels."""
+    """Multi-head self-attention over the pixels, heads of ATTN_HEAD_DIM channels."""
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         n, h, w, c = x.shape
-        n_head = max(1, c // ATTN_HEAD_DIM)
+        n_head = num_heads(c)
         head_dim = c // n_head
         x = GroupNorm(name="norm")(x)
         qkv = Conv(3 * c, kernel_size=1, name="qkv_proj")(x)
@@ -241,8 +238,7 @@ class LSTMCell(nn.Module):
     hidden: int
 
     @nn.compact
-    def __call__(self, hx_cx: Tuple[jax.Array, jax.Array],
-                 x: jax.Array) -> Tuple[Tuple[jax.Array, jax.Array], jax.Array]:
+    def __call__(self, hx_cx: HxCx, x: jax.Array) -> Tuple[HxCx, jax.Array]:
         hx, cx = hx_cx
         h = self.hidden
 

@@ -10,9 +10,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from diamond_jax.data.batch import Batch
-from diamond_jax.models.blocks import Conv, Dense, Downsample, LSTMCell, ResBlocks, flatten_chw, init_key
-
-HxCx = Tuple[jax.Array, jax.Array]
+from diamond_jax.models.blocks import Conv, Dense, Downsample, HxCx, LSTMCell, ResBlocks, flatten_chw, init_key
 
 
 class RewEndEncoder(nn.Module):

@@ -6,7 +6,7 @@ Everything is JAX control flow over a static schedule, so a call traces to one p
 
 import dataclasses
 import math
-from typing import Callable
+from typing import Callable, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -40,17 +40,26 @@ def build_sigmas(num_steps: int, sigma_min: float, sigma_max: float, rho: float)
     return np.append(sigmas, 0.0).astype(np.float32)
 
 
-def sample(denoise: DenoiseFn, key: jax.Array, shape, cfg: SamplerConfig) -> jax.Array:
+def sample(denoise: DenoiseFn, key: jax.Array, shape, cfg: SamplerConfig, x_start: Optional[jax.Array] = None,
+           return_trajectory: bool = False) -> Union[jax.Array, Tuple[jax.Array, jax.Array]]:
     """Integrates the probability-flow ODE from x ~ N(0, I) at sigma_max down to sigma = 0.
 
     As in the official code the start noise is not scaled by sigma_max. Churn follows EDM (Karras et al.,
     Algorithm 2), evaluating D at the raised level sigma_hat; with the default s_churn = 0 it is inactive.
+
+    x_start: the start noise (shape `shape`) in place of the draw from `key`, to reproduce a sample from
+    given noise; `key` then only drives churn. return_trajectory: also return the points [n + 1, *shape] the
+    sampler visits on the schedule: x_start at sigmas[0], x after each of the n - 1 steps at sigmas[1..n-1],
+    and the sample at sigma 0 (with churn, each step starts from the point raised to sigma_hat, not listed).
     """
     n = cfg.num_steps_denoising
     sigmas = build_sigmas(n, cfg.sigma_min, cfg.sigma_max, cfg.rho)
     gamma_max = min(cfg.s_churn / n, math.sqrt(2) - 1)
     key_init, key_churn = jax.random.split(key)
-    x = jax.random.normal(key_init, shape)
+    if x_start is None:
+        x_start = jax.random.normal(key_init, shape)
+    elif x_start.shape != tuple(shape):
+        raise ValueError(f"x_start has shape {x_start.shape}, the sample's is {tuple(shape)}")
 
     def churn(x, sigma, key):
         if gamma_max == 0:
@@ -66,21 +75,29 @@ def sample(denoise: DenoiseFn, key: jax.Array, shape, cfg: SamplerConfig) -> jax
         d = (x - denoise(x, sigma_hat)) / sigma_hat
         dt = next_sigma - sigma_hat
         if cfg.order == 1:
-            return x + d * dt, None
-        x_2 = x + d * dt
-        d_2 = (x_2 - denoise(x_2, next_sigma)) / next_sigma
-        return x + (d + d_2) / 2 * dt, None
+            x = x + d * dt
+        else:
+            x_2 = x + d * dt
+            d_2 = (x_2 - denoise(x_2, next_sigma)) / next_sigma
+            x = x + (d + d_2) / 2 * dt
+        return x, x if return_trajectory else None
 
     keys = jax.random.split(key_churn, n)
-    x, _ = jax.lax.scan(step, x, (jnp.asarray(sigmas[:n - 1]), jnp.asarray(sigmas[1:n]), keys[:n - 1]))
+    x, visited = jax.lax.scan(step, x_start, (jnp.asarray(sigmas[:n - 1]), jnp.asarray(sigmas[1:n]), keys[:n - 1]))
     # The last step goes to sigma = 0, where both methods reduce to one Euler step: x + (x - D) / s * (0 - s)
     # is D itself. Returning D avoids the rounding that would move it off the 256-level grid.
     x, sigma_hat = churn(x, jnp.asarray(sigmas[n - 1]), keys[n - 1])
-    return denoise(x, sigma_hat)
+    out = denoise(x, sigma_hat)
+    if not return_trajectory:
+        return out
+    return out, jnp.concatenate([x_start[None], visited, out[None]])
 
 
-def sample_next_obs(denoiser, variables, key: jax.Array, obs: jax.Array, act: jax.Array,
-                    cfg: SamplerConfig) -> jax.Array:
-    """The next frame [b, h, w, c] after past frames obs [b, t, h, w, c] and past actions act [b, t]."""
+def sample_next_obs(denoiser, variables, key: jax.Array, obs: jax.Array, act: jax.Array, cfg: SamplerConfig,
+                    x_start: Optional[jax.Array] = None,
+                    return_trajectory: bool = False) -> Union[jax.Array, Tuple[jax.Array, jax.Array]]:
+    """The next frame [b, h, w, c] after past frames obs [b, t, h, w, c] and past actions act [b, t]; x_start
+    and return_trajectory as in `sample`."""
     b, _, h, w, c = obs.shape
-    return sample(lambda x, sigma: denoiser.denoise(variables, x, sigma, obs, act), key, (b, h, w, c), cfg)
+    return sample(lambda x, sigma: denoiser.denoise(variables, x, sigma, obs, act), key, (b, h, w, c), cfg,
+                  x_start, return_trajectory)

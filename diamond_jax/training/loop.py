@@ -6,7 +6,9 @@ epochs plays test episodes. After the last epoch, `num_final_episodes` test epis
 
 Where the run stands is a small record (epoch, phase, updates done in the phase): checkpoints can be taken
 between any two compiled calls, and every random draw is a function of the seed and of that record, so a
-run stopped and resumed computes exactly what it would have computed without the stop.
+run stopped and resumed on the same number of devices computes exactly what it would have computed without
+the stop. The device count changes the order of float sums over the data-parallel batch, so results depend
+on it to float rounding: a run resumed on another count goes on from the same state, not bit-exactly.
 """
 
 import dataclasses
@@ -127,9 +129,12 @@ class Trainer:
                                          sharding=self.rep)
         self.collector = self._new_collector()
         self.collector.restore(_collector_from_json(meta["collector"]))
-        if self.collector.num_steps != self.replay.num_steps:
+        # Steps lost to damaged replay files were collected all the same: the envs are past them (load logged
+        # which files, and the run goes on with the rest).
+        if self.collector.num_steps != self.replay.num_steps + self.replay.num_lost_steps:
             raise RuntimeError(f"the checkpoint's collector has {self.collector.num_steps} steps but its dataset "
-                               f"{self.replay.num_steps}; the run directory {self.workdir} is inconsistent.")
+                               f"{self.replay.num_steps} (+ {self.replay.num_lost_steps} lost); the run directory "
+                               f"{self.workdir} is inconsistent.")
         # Model summaries are at update steps, collections' at environment steps; evaluations are counted, as
         # several can share an environment step (the last epochs collect nothing).
         self.logger.drop_after({**{f"{m}/": int(self.state["models"][m].step) for m in MODEL_NAMES},

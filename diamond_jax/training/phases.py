@@ -20,7 +20,8 @@ from jax.sharding import Mesh
 from diamond_jax import imagination
 from diamond_jax.agent import Agent
 from diamond_jax.data.batch import Batch
-from diamond_jax.data.replay import DeviceReplay, sample_segments
+from diamond_jax.data.replay import DeviceReplay
+from diamond_jax.data.sampling import sample_segments
 from diamond_jax.imagination import ActorCriticInputs, ImaginationState, InitialConditions
 from diamond_jax.training import parallel, steps
 from diamond_jax.training.steps import TrainState
