@@ -154,7 +154,7 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
     c.world_model_env.sampler.s_noise = 1.0  # scale of the churn noise
 
     if presets.debug:
-        _shrink_for_debug(c)
+        shrink_for_debug(c)
     c.game = presets.game or c.game
 
     config_lib.validate(c)
@@ -162,7 +162,7 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
     return c.lock()
 
 
-def _shrink_for_debug(c: config_dict.ConfigDict) -> None:
+def shrink_for_debug(c: config_dict.ConfigDict) -> None:
     """Tiny models and a short schedule: the whole loop runs in a few minutes on a 2-core CPU."""
     c.env.size = 16
     c.env.max_episode_steps = 100

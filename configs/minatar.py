@@ -26,13 +26,18 @@ from diamond_jax import config as config_lib
 from diamond_jax import envs
 
 
-def _atari_paper_config() -> config_dict.ConfigDict:
-    """configs/atari100k.py's paper configuration, unlocked (loaded from the file beside this one)."""
+def _atari_config_module():
+    """configs/atari100k.py, loaded from the file beside this one (installed or in a checkout)."""
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "atari100k.py")
     spec = importlib.util.spec_from_file_location("_atari100k_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config().unlock()
+    return module
+
+
+def _atari_paper_config() -> config_dict.ConfigDict:
+    """configs/atari100k.py's paper configuration, unlocked."""
+    return _atari_config_module().get_config().unlock()
 
 
 def get_config(arg: str = "") -> config_dict.ConfigDict:
@@ -106,27 +111,11 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
 
 
 def _shrink_for_debug(c: config_dict.ConfigDict) -> None:
-    """Tiny models and a short schedule: the whole loop runs in a minute or two on a 2-core CPU."""
+    """The Atari config's debug sizes and schedule (tiny models, a 120-step budget; a minute or two on a
+    2-core CPU), on frames these games can draw."""
+    _atari_config_module().shrink_for_debug(c)
+    c.env.size = 10  # Atari's debug frames are 16 x 16: not a multiple of the 10-cell grids
     c.env.max_episode_steps = 50
-    t = c.collection.train
-    t.num_steps_total, t.steps_per_epoch, t.first_epoch.min, t.first_epoch.max = 120, 20, 60, 100
+    c.actor_critic.down = (1, 0)  # 10 -> 5
     c.collection.test.num_envs = 2
-    c.collection.test.num_episodes = 2
     c.collection.test.num_final_episodes = 4
-    c.training.num_final_epochs = 1
-    c.training.steps_per_call = 4
-    c.evaluation.every = 2
-    c.denoiser.inner_model.cond_channels = 16
-    c.denoiser.inner_model.depths = (1, 1)
-    c.denoiser.inner_model.channels = (8, 8)
-    c.rew_end_model.lstm_dim = 16
-    c.rew_end_model.cond_channels = 8
-    c.rew_end_model.channels = (8, 8)
-    c.actor_critic.lstm_dim = 16
-    c.actor_critic.channels = (8, 8)
-    c.world_model_env.horizon = 5
-    for name in ("denoiser", "rew_end_model", "actor_critic"):
-        c[name].training.batch_size = 4
-        c[name].training.steps_first_epoch = 8
-        c[name].training.steps_per_epoch = 4
-        c[name].training.lr_warmup_steps = 2

@@ -20,6 +20,11 @@ is our median time over the reference's (< 1: ours is faster). Items, with the p
   actor_critic_update_stored  update over 15 stored frames, no world model    trajectory frames/s
                               (= the reference's actor_critic_update)
   compute_lambda_returns      lambda-returns alone                            returns/s
+  denoiser_phase              the denoiser's phase as training runs it        updates/s
+  rew_end_phase               the reward/end model's phase                    updates/s
+  actor_critic_phase          the actor-critic's phase                        updates/s
+                              (each: its compiled call, batches sampled on the device; a time per update
+                              near the lone update's shows training runs at the benchmark's rate)
   collection                  the training collector, policy acting           env steps/s
   sampling                    fixtures.benchmark_sampling                     segments/s
 

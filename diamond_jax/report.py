@@ -3,6 +3,9 @@
   python -m diamond_jax.report runs/ --out=report/                 # every run directory below runs/
   python -m diamond_jax.report runs/atari100k/Pong-0 runs/atari100k/Pong-1 --out=report/
   python -m diamond_jax.report --published --out=report/           # DIAMOND's published returns alone
+  python -m diamond_jax.report runs/minatar --curves --out=curves/  # learning curves, any suite
+
+With --curves: test return against environment steps per game, see diamond_jax/curves.py.
 
 Writes report.md (also printed), per_game.csv, aggregates.csv and PNG plots into --out. Aggregates follow
 rliable (Agarwal et al., 2021), with 95% stratified-bootstrap confidence intervals that resample runs
@@ -24,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from diamond_jax import scores
+from diamond_jax import curves, scores
 from diamond_jax.envs.games import ATARI_100K_GAMES
 
 try:
@@ -508,6 +511,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              f"{EVALUATIONS}, or named here) are skipped with a warning")
     parser.add_argument("--out", required=True, type=Path,
                         help="folder for report.md, per_game.csv, aggregates.csv and the plots (created if missing)")
+    parser.add_argument("--curves", action="store_true",
+                        help="learning curves instead of the report: test return against environment steps, one "
+                             "panel per game, mean over seeds with a 95%% bootstrap band and the random policy "
+                             "(curves.png, curves.csv); any suite (Atari 100k, MinAtar, Catch), runs finished or "
+                             "not")
     parser.add_argument("--published", action="store_true",
                         help="report on DIAMOND's published returns alone (26 games x 5 seeds); takes no RUN_DIR")
     parser.add_argument("--reps", type=int, default=50000,
@@ -516,6 +524,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the bootstrap, so that the intervals are reproducible (default: %(default)s)")
     args = parser.parse_args(argv)
+    if args.curves and (args.published or not args.run_dirs):
+        parser.error("--curves plots runs: pass their RUN_DIRs (and not --published)")
     if args.published and args.run_dirs:
         parser.error("--published reports on DIAMOND's published returns alone: drop either it or the RUN_DIRs")
     if not args.published and not args.run_dirs:
@@ -530,6 +540,14 @@ def main(argv: list[str] | None = None) -> int:
     # INFO for this module only: rliable logs a line per bootstrap at INFO.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     log.setLevel(logging.INFO)
+    if args.curves:
+        try:
+            curves.write_curves(args.run_dirs, args.out, min(args.reps, 10_000), args.seed)
+        except curves.CurvesError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        log.info("Wrote curves.png and curves.csv into %s", args.out)
+        return 0
     try:
         report = (build_published_report(args.reps, args.seed) if args.published
                   else build_report(args.run_dirs, args.reps, args.seed))

@@ -25,7 +25,7 @@ REF_INNER_MS, REF_INNER_THROUGHPUT = 2000.0, 16.0
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, debug_agent):
-    """One benchmark process on two CPU devices: three items, the denoiser at the reference's batch 32 so that
+    """One benchmark process on two CPU devices: four items, the denoiser at the reference's batch 32 so that
     its items get ratios, against a hand-written reference JSON of the same device and models."""
     tmp = tmp_path_factory.mktemp("benchmark")
     _, variables = debug_agent
@@ -44,7 +44,7 @@ def run(tmp_path_factory, debug_agent):
     ref_path.write_text(json.dumps(reference))
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
     cmd = [sys.executable, "-m", "diamond_jax.benchmark", f"--config={REPO}/configs/atari100k.py:debug",
-           "--config.denoiser.training.batch_size=32", "--only=inner_model_forward,rew_end_train_step,sampling",
+           "--config.denoiser.training.batch_size=32", "--only=inner_model_forward,rew_end_train_step,denoiser_phase,sampling",
            "--repeats=2", "--warmup=1", "--cpu_devices=2", "--sampling_batches=2", f"--reference={ref_path}",
            f"--json={out_path}"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -54,7 +54,7 @@ def run(tmp_path_factory, debug_agent):
 
 def test_json_has_every_field_of_every_item(run):
     out, stdout, params = run
-    assert list(out["results"]) == ["inner_model_forward", "rew_end_train_step", "sampling"]
+    assert list(out["results"]) == ["inner_model_forward", "rew_end_train_step", "denoiser_phase", "sampling"]
     for name, r in out["results"].items():
         assert set(r) == ITEM_FIELDS, name
         assert len(r["times_ms"]) == r["repeats"] == 2
@@ -206,3 +206,11 @@ def test_flops_count_scan_bodies_times_their_length():
     # Forward, then the gradients of both operands of each product (the input's, a convolution over the
     # padded output, counts a few more taps).
     assert flops.count_flops(grad.trace(*args).jaxpr) == pytest.approx(3 * counted, rel=0.02)
+
+
+def test_phase_item_times_the_training_loops_call(run):
+    """On a CPU training runs one update per compiled call (phase_loop auto), and so does the phase item."""
+    out, _, _ = run
+    phase = out["results"]["denoiser_phase"]
+    assert "one update, no loop" in phase["what"] and phase["throughput_unit"] == "updates/s"
+    assert phase["throughput_per_s"] == pytest.approx(1e3 / phase["median_ms"])

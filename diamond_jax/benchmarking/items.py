@@ -20,7 +20,7 @@ from diamond_jax.data.batch import Batch, obs_from_frames
 from diamond_jax.imagination import ActorCriticInputs, InitialConditions
 from diamond_jax.models.actor_critic import ActorCritic, compute_lambda_returns
 from diamond_jax.models.denoiser import stack_frames
-from diamond_jax.training import parallel, steps
+from diamond_jax.training import parallel, phases, steps
 
 class Setup(NamedTuple):
     config: config_dict.ConfigDict
@@ -284,6 +284,53 @@ def lambda_returns(setup: Setup) -> Item:
                 "returns/s", program=Program(jitted, args, same_args))
 
 
+_REPLAYS: Dict[int, Any] = {}
+
+
+def _device_replay(setup: Setup):
+    """A synthetic replay of the whole budget on the mesh, built once per setup for the three phase items."""
+    if id(setup) not in _REPLAYS:
+        _REPLAYS.clear()  # one setup at a time: free the previous one's frames
+        _REPLAYS[id(setup)] = _replicated(setup, fixtures.synthetic_replay(setup.config).device_replay())
+    return _REPLAYS[id(setup)]
+
+
+def _phase(setup: Setup, name: str) -> Item:
+    """One compiled call of a model's phase exactly as the training loop makes it (phases.make_phase): updates
+    sampling their batches on the device from a replay of the whole budget; on a CPU one update per call, on
+    GPU/TPU `steps_per_call` in a lax.scan (config.training.phase_loop). Compare its time per update with the
+    lone update's item: they should match."""
+    config, agent = setup.config, setup.agent
+    scan = phases.use_scan(config.training.phase_loop, setup.mesh.devices.flat[0].platform)
+    n = config.training.steps_per_call if scan else 1
+    b = _batch_size(setup, name)
+    optimizer = steps.optimizer_from_config(config[name])
+    chunk = phases.make_phase(agent, config, name, optimizer, setup.mesh, n, scan)
+    state = _replicated(setup, _distinct(steps.TrainState.create(setup.variables[name], optimizer)))
+    replay, key, first = _device_replay(setup), _replicated(setup, setup.key), jnp.int32(0)
+    if name == "actor_critic":
+        imagined = phases.make_imagination_start(agent, config, setup.mesh)(setup.variables, replay, setup.key)
+        args = (state, imagined, _replicated(setup, _world_model(setup)), replay, key, first)
+        program = Program(chunk, args, lambda args, out: (out[0], out[1]) + args[2:])
+    else:
+        program = Program(chunk, (state, replay, key, first), next_state)
+    loop = f"{n} updates in one lax.scan" if scan else "one update, no loop"
+    return Item(f"{name} phase as training runs it: {loop} per compiled call, batches sampled on the device from "
+                f"a replay of the whole budget, batch {b}", None, b, n, "updates/s", program=program)
+
+
+def denoiser_phase(setup: Setup) -> Item:
+    return _phase(setup, "denoiser")
+
+
+def rew_end_phase(setup: Setup) -> Item:
+    return _phase(setup, "rew_end_model")
+
+
+def actor_critic_phase(setup: Setup) -> Item:
+    return _phase(setup, "actor_critic")
+
+
 def collection(setup: Setup) -> Item:
     config, num_steps = setup.config, setup.collection_steps
     return Item(f"fixtures.benchmark_collection: {num_steps} agent steps per repeat of {config.game} in "
@@ -312,6 +359,9 @@ ITEMS: Dict[str, Callable[[Setup], Item]] = {
     "actor_critic_update": actor_critic_update,
     "actor_critic_update_stored": actor_critic_update_stored,
     "compute_lambda_returns": lambda_returns,
+    "denoiser_phase": denoiser_phase,
+    "rew_end_phase": rew_end_phase,
+    "actor_critic_phase": actor_critic_phase,
     "collection": collection,
     "sampling": sampling,
 }

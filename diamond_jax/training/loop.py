@@ -264,14 +264,8 @@ class Trainer:
     def _phase_fn(self, name: str, num_steps: int):
         key = (name, num_steps)
         if key not in self._compiled:
-            if name == "actor_critic":
-                fn = phases.make_actor_critic_phase(self.agent, self.config, self.optimizers[name], self.mesh,
-                                                    num_steps, scan=self._scan)
-            else:
-                update = steps.make_update(getattr(self.agent, name).loss, self.optimizers[name])
-                fn = phases.make_model_phase(update, phases.batch_sampler(self.config, name), self.mesh, num_steps,
-                                             scan=self._scan)
-            self._compiled[key] = fn
+            self._compiled[key] = phases.make_phase(self.agent, self.config, name, self.optimizers[name], self.mesh,
+                                                    num_steps, self._scan)
         return self._compiled[key]
 
     def _train(self, name: str) -> None:

@@ -8,15 +8,15 @@ from typing import Any, Dict, List
 
 from ml_collections import config_dict
 
+from diamond_jax.config_files import config_file
 from diamond_jax.envs.games import ATARI_100K_GAMES
 from diamond_jax.training.workdir import config_as_flat_dict, config_changes, matches
 
-PAPER_CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                                 "configs", "atari100k.py")
+PAPER_CONFIG_FILE = config_file("atari100k")
 # Fields the paper leaves free: the seed, and how a run is spread over devices, saved and watched during
 # training. None changes what the final test episodes measure.
-FREE_FIELDS = ("seed", "num_devices", "checkpoint.", "training.steps_per_call", "evaluation.every",
-               "collection.test.num_episodes")
+FREE_FIELDS = ("seed", "num_devices", "checkpoint.", "training.steps_per_call", "training.phase_loop",
+               "evaluation.every", "collection.test.num_episodes")
 
 
 def paper_config(game: str) -> config_dict.ConfigDict:
@@ -27,8 +27,11 @@ def paper_config(game: str) -> config_dict.ConfigDict:
 
 
 def differences(config: config_dict.ConfigDict) -> List[str]:
-    """The fields in which `config` differs from the paper's config for its game, sorted; ["game"] for a game
-    outside Atari 100k (a config of another benchmark, where the comparison means nothing)."""
+    """The fields in which `config` differs from the paper's config for its game, sorted; ["env.backend"] for
+    another environment backend (MinAtar's Breakout is not Atari's) and ["game"] for a game outside Atari 100k:
+    configs of other benchmarks, where the comparison means nothing."""
+    if config.env.get("backend", "envpool") != "envpool":
+        return ["env.backend"]
     if config.get("game") not in ATARI_100K_GAMES:
         return ["game"]
     if not os.path.exists(PAPER_CONFIG_FILE):  # an installed copy without the repository's configs/

@@ -113,6 +113,16 @@ def make_actor_critic_phase(agent: Agent, config, optimizer, mesh: Mesh, num_ste
                    donate_argnums=(0, 1))
 
 
+def make_phase(agent: Agent, config, name: str, optimizer, mesh: Mesh, num_steps: int, scan: bool):
+    """The compiled call of one model's phase as training runs it: num_steps updates (1 without scan).
+    denoiser / rew_end_model: chunk(state, replay, key, first_step) -> (state, metrics);
+    actor_critic: chunk(state, imagined, world_model, replay, key, first_step) -> (state, imagined, metrics)."""
+    if name == "actor_critic":
+        return make_actor_critic_phase(agent, config, optimizer, mesh, num_steps, scan=scan)
+    update = steps.make_update(getattr(agent, name).loss, optimizer)
+    return make_model_phase(update, batch_sampler(config, name), mesh, num_steps, scan=scan)
+
+
 def make_imagination_start(agent: Agent, config, mesh: Mesh):
     """start(variables, replay, key) -> ImaginationState: every row at a fresh, burnt-in initial condition."""
     sample = initial_conditions_sampler(config, config.actor_critic.training.batch_size)
