@@ -1,11 +1,11 @@
-"""Trains DIAMOND on one Atari 100k game.
+"""Trains DIAMOND on one game: Atari 100k (configs/atari100k.py), or Catch and MinAtar (configs/minatar.py).
 
     python -m diamond_jax.main --config=configs/atari100k.py:game=Pong --config.seed=3 --workdir=runs/Pong-3
 
 Starting in a --workdir that holds a run resumes it. Exit status: 0 when the run is complete (results.json
-written), 75 when it saved a checkpoint and stopped on SIGTERM (run the same command again to resume),
-2 for bad input (config, workdir, a workdir another run holds, a platform JAX cannot use), 1 for a failure
-during training (e.g. a non-finite loss, a full disk).
+written), 75 when it saved a checkpoint and stopped on SIGTERM or Ctrl-C (run the same command again to
+resume), 130 when a second Ctrl-C quit without saving, 2 for bad input (config, workdir, a workdir another run
+holds, a platform JAX cannot use), 1 for a failure during training (e.g. a non-finite loss, a full disk).
 """
 
 import os
@@ -17,7 +17,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from diamond_jax.config import CPU_DEVICES_HELP
-from diamond_jax.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_PREEMPTED
+from diamond_jax.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PREEMPTED
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, with presets after ':' (game=<Name>, debug), e.g. configs/atari100k.py:game=Pong. "
@@ -156,6 +156,9 @@ def main(argv) -> None:
     except NonFiniteLoss as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(EXIT_FAILED)
+    except KeyboardInterrupt:  # a second Ctrl-C: the user asked to quit without saving
+        print("Quit without saving: run the same command to resume from the last checkpoint.", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
     except Exception as error:
         full = disk_full(error)
         if full is None:
@@ -165,7 +168,8 @@ def main(argv) -> None:
         # each with a traceback that would bury the line above; there is nothing left to save.
         sys.stderr.flush()
         os._exit(1)
-    differ = results.get("differs_from_paper", [])
+    # Only an Atari run has a paper to differ from; a MinAtar run's config is its own benchmark's.
+    differ = results.get("differs_from_paper", []) if "human_normalized_score" in results else []
     score = ("human-normalised score" if "human_normalized_score" in results else "return above the random "
              "policy's")
     logging.info("Done: mean return %.2f over %d test episodes, %s %.3f%s (%s)", results["mean_return"],

@@ -201,6 +201,21 @@ def test_sigterm_saves_and_exits_with_the_resume_code(tmp_path):
     assert os.path.exists(os.path.join(workdir, "results.json"))
 
 
+def test_ctrl_c_saves_and_exits_like_sigterm_without_a_traceback(tmp_path):
+    workdir = str(tmp_path / "run")
+    command = [sys.executable, "-m", "diamond_jax.main", "--config=configs/atari100k.py:debug", f"--workdir={workdir}"]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not glob.glob(os.path.join(workdir, "checkpoints", "1")) and time.time() < deadline:
+        assert process.poll() is None, process.stdout.read()
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 75, output
+    assert "SIGINT received" in output and "Pre-empted" in output and "Traceback" not in output
+    assert len(os.listdir(os.path.join(workdir, "checkpoints"))) >= 2
+
+
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     workdir = str(tmp_path)
     config = debug_config(**{"denoiser.optimizer.lr": 1e30, "denoiser.training.lr_warmup_steps": 0})
