@@ -131,6 +131,7 @@ def main(argv) -> None:
     import jax
 
     from diamond_jax import config as config_lib
+    from diamond_jax import envs
     from diamond_jax.training import parallel
     from diamond_jax.training.checkpoint import disk_full
     from diamond_jax.training.loop import NonFiniteLoss, Preempted, Trainer
@@ -141,6 +142,7 @@ def main(argv) -> None:
     config = _CONFIG.value
     try:
         config_lib.validate(config)
+        envs.check_env_config(config)  # the game and frame size, before the workdir is touched
         trainer = Trainer(config, _WORKDIR.value)
     except (config_lib.ConfigError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)

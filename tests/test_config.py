@@ -3,6 +3,7 @@ from ml_collections import config_dict
 
 from configs import atari100k
 from diamond_jax import config as config_lib
+from diamond_jax import envs
 from diamond_jax.envs.games import ATARI_100K_GAMES
 
 
@@ -79,6 +80,16 @@ def test_unknown_key_fails():
         c.world_model_env.horizn = 3
 
 
+def test_an_unknown_game_is_the_environments_to_refuse():
+    """config.validate knows no games (config.py is below envs/); envs.check_env_config, which main calls right
+    after it, names the game and the valid ones."""
+    c = atari100k.get_config()
+    c.game = "Tetris"
+    config_lib.validate(c)
+    with pytest.raises(config_lib.ConfigError, match="config.game='Tetris' is not an Atari 100k game.*Fix:"):
+        envs.check_env_config(c)
+
+
 @pytest.mark.parametrize("field, value, match", [
     ("env.size", -64, "config.env.size=-64: must be a positive integer"),
     ("denoiser.training.batch_size", 0, "config.denoiser.training.batch_size=0"),
@@ -96,7 +107,6 @@ def test_unknown_key_fails():
     ("denoiser.inner_model.cond_channels", 254, "divisible by num_steps_conditioning"),
     ("collection.train.first_epoch.min", 20_000, "min <= max <= num_steps_total"),
     ("collection.train.num_steps_total", 100_050, "multiple of collection.train.steps_per_epoch"),
-    ("game", "Tetris", "config.game='Tetris' is not an Atari 100k game"),
 ])
 def test_impossible_values_name_the_field_and_fix(field, value, match):
     c = atari100k.get_config()

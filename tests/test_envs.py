@@ -146,19 +146,9 @@ def test_atari_goes_through_the_same_interface(debug_config):
 
 
 def catch_random_return() -> float:
-    """The uniformly random policy's expected Catch return, by dynamic programming over the paddle's column:
-    it starts in column 2 and moves by -1, 0 or +1 (clipped to 0..4) at each of the 9 steps; the ball falls in
-    a uniform column."""
-    p = np.zeros(5)
-    p[2] = 1.0
-    for _ in range(9):
-        nxt = np.zeros(5)
-        for col in range(5):
-            for move in (-1, 0, 1):
-                nxt[min(4, max(0, col + move))] += p[col] / 3
-        p = nxt
-    catch = p.mean()  # P(paddle column == ball column), the ball column uniform
-    return 2 * catch - 1
+    """The uniformly random policy's expected Catch return: the ball falls in a uniform column, independent of
+    where the random paddle ends, so the paddle is under it with probability 1/5: 2/5 - 1 = -0.6."""
+    return 2 * (1 / 5) - 1
 
 
 def test_random_baseline_matches_the_exact_random_return():

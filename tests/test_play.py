@@ -10,7 +10,8 @@ from diamond_jax import play
 from diamond_jax.envs.atari import make_atari_env, num_actions
 from diamond_jax.envs.games import ATARI_100K_GAMES, ATARI_ACTION_NAMES, MINIMAL_ACTION_SETS, action_names
 from diamond_jax.play_env import (
-    NOOP, PlaySession, RealPlayEnv, WorldModelPlayEnv, action_from_keys, action_keys, keymap, load_run_agent)
+    NOOP, PlaySession, RealPlayEnv, WorldModelPlayEnv, action_from_keys, action_keys, keymap, load_run_agent,
+    noop_action)
 from diamond_jax.training.agent_checkpoint import save_agent
 
 # imageio-ffmpeg reads an MP4 through an ffmpeg subprocess, which JAX warns about.
@@ -54,7 +55,7 @@ def test_key_map_table_matches_envpool_action_sets(debug_config):
         assert names[0] == "NOOP" and len(set(names)) == len(names)
         # ALE lists a minimal set in the order of its action enum.
         assert list(names) == sorted(names, key=ATARI_ACTION_NAMES.index), game
-        combos = keymap(game)
+        combos = keymap(names)
         assert len(combos) == len(names) - 1 and sorted(combos.values()) == list(range(1, len(names)))
     assert action_names("Breakout", full_action_space=True) == ATARI_ACTION_NAMES
     action_key_names = {key for name in ATARI_ACTION_NAMES for key in action_keys(name)}
@@ -65,7 +66,7 @@ def test_key_map_table_matches_envpool_action_sets(debug_config):
 
 
 def test_action_from_keys():
-    breakout, full = keymap("Breakout"), keymap("Breakout", full_action_space=True)
+    breakout, full = keymap(action_names("Breakout")), keymap(action_names("Breakout", full_action_space=True))
     assert action_from_keys(breakout, []) == NOOP
     assert action_from_keys(breakout, ["d"]) == RIGHT
     assert action_from_keys(breakout, ["space", "a"]) in (1, 3)  # Breakout has no LEFTFIRE: one of its parts
@@ -73,7 +74,12 @@ def test_action_from_keys():
     assert action_from_keys(full, ["w", "d"]) == ATARI_ACTION_NAMES.index("UPRIGHT")
     assert action_from_keys(full, ["w", "d", "space"]) == ATARI_ACTION_NAMES.index("UPRIGHTFIRE")
     assert action_from_keys(full, ["m", "s"]) == ATARI_ACTION_NAMES.index("DOWN")
-    assert "space" in play.describe_keys("Pong") and "RIGHTFIRE" in play.describe_keys("Pong")
+    pong = play.describe_keys("Pong", action_names("Pong"))
+    assert "space" in pong and "RIGHTFIRE" in pong
+    # Catch's actions are LEFT NOOP RIGHT: no key held plays its NOOP, 1, not action 0.
+    catch = ("LEFT", "NOOP", "RIGHT")
+    assert action_from_keys(keymap(catch), [], noop_action(catch)) == 1 == noop_action(catch)
+    assert action_from_keys(keymap(catch), ["d"], noop_action(catch)) == 2
 
 
 def test_parse_script():
