@@ -38,6 +38,9 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
     c.env.max_episode_steps = 27_000  # agent steps per episode (108k emulator frames, NoFrameskip-v4 cap)
     c.env.train_done_on_life_loss = True  # a life loss ends a training episode
     c.env.test_done_on_life_loss = False  # ...but not a test episode
+    # "official": a loss is counted against the lives at the last loss, so losing a bonus life ends nothing (the
+    # official wrapper); "every_decrease": every decrease of the counter ends a training episode.
+    c.env.life_loss_rule = "official"
 
     c.collection = config_dict.ConfigDict()
     c.collection.train = config_dict.ConfigDict()

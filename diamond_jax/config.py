@@ -103,6 +103,9 @@ def validate(c: config_dict.ConfigDict) -> None:
     probability("env.repeat_action_probability")
     if c.env.get("backend", "envpool") == "envpool":
         positive_int("env.frame_skip")
+        if c.env.life_loss_rule not in ("official", "every_decrease"):
+            _fail("env.life_loss_rule", c.env.life_loss_rule, "must be official or every_decrease",
+                  "use official (the official wrapper's rule)")
         if not isinstance(c.env.noop_max, int) or c.env.noop_max < 1:
             _fail("env.noop_max", c.env.noop_max, "must be an integer >= 1 (envpool always plays 1 to noop_max "
                   "no-ops at reset and crashes with 0)", "use 30 (the paper) or 1 for a single no-op")

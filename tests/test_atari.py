@@ -220,3 +220,35 @@ def test_resetting_one_env_leaves_the_others_alone():
         fire = bool(s.end[0])  # a new ball after each life loss
         game_overs += int(s.lives[0] == 0)
     assert game_overs >= 1 and not s.end[1]
+
+
+class ScriptedLives:
+    """A stand-in for an envpool pool whose one env plays a scripted sequence of life counts."""
+
+    def __init__(self, lives):
+        self._lives, self._t = list(lives), 0
+
+    def reset(self, env_id=None):
+        self._t = 0
+        return np.zeros((1, 3, 4, 4), np.uint8), {"lives": np.array([self._lives[0]]), "env_id": np.array([0])}
+
+    def step(self, act):
+        self._t += 1
+        info = {"lives": np.array([self._lives[self._t]])}
+        return np.zeros((1, 3, 4, 4), np.uint8), np.zeros(1), np.zeros(1, bool), np.zeros(1, bool), info
+
+
+@pytest.mark.parametrize("rule, ends", [
+    # 3 -> 2 ends; a bonus life (2 -> 3) and its loss (3 -> 2) end nothing under the official rule, then 2 -> 1.
+    ("official", [False, True, False, False, True, False]),
+    ("every_decrease", [False, True, False, True, True, False]),
+])
+def test_life_losses_after_a_bonus_life(rule, ends):
+    lives = [3, 3, 2, 3, 2, 1, 1]
+    env = AtariEnv(ScriptedLives(lives), 1, 4, done_on_life_loss=True, life_loss_rule=rule)
+    env.reset()
+    assert [bool(env.step(np.zeros(1, np.int32)).end[0]) for _ in range(6)] == ends
+
+
+def test_the_official_life_rule_is_the_default():
+    assert env_config().life_loss_rule == "official"

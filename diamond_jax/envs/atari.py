@@ -35,17 +35,25 @@ from diamond_jax.envs.base import EnvStep, check_actions
 from diamond_jax.envs.games import ATARI_100K_GAMES, action_names
 
 
+# How a life loss is told (env.life_loss_rule): "official" measures it against the count at the last loss (or
+# reset), so the loss of a bonus life ends no episode; "every_decrease" ends one at every decrease.
+LIFE_LOSS_RULES = ("official", "every_decrease")
+
+
 class AtariEnv:
     """A batch of `num_envs` Atari games stepped together (envpool sync mode); an `envs.base.Env`."""
 
     def __init__(self, pool, num_envs: int, num_actions: int, done_on_life_loss: bool,
-                 action_names: Tuple[str, ...] = ()):
+                 action_names: Tuple[str, ...] = (), life_loss_rule: str = "official"):
         self._pool = pool
         self.num_envs = num_envs
         self.num_actions = num_actions
         self.action_names = tuple(action_names)  # empty for an env built by hand
         self.done_on_life_loss = done_on_life_loss
-        self._lives: Optional[np.ndarray] = None
+        if life_loss_rule not in LIFE_LOSS_RULES:
+            raise ValueError(f"life_loss_rule={life_loss_rule!r}: use one of {', '.join(LIFE_LOSS_RULES)}")
+        self.life_loss_rule = life_loss_rule
+        self._lives: Optional[np.ndarray] = None  # the life count a loss is measured against
 
     def reset(self) -> np.ndarray:
         """Starts a new episode in every env; returns their first frames, uint8 [n, h, w, 3]."""
@@ -61,9 +69,15 @@ class AtariEnv:
         final_obs = _to_hwc(obs)
         lives = info["lives"].astype(np.int32)
         end = terminated.astype(bool)
+        lost = lives < self._lives
         if self.done_on_life_loss:
-            end |= lives < self._lives
-        self._lives = lives
+            end |= lost
+        if self.life_loss_rule == "official":
+            # The official wrapper updates its count only when lives go down: after a bonus life, the next
+            # loss only brings the counter back to the count and ends nothing.
+            self._lives = np.where(lost, lives, self._lives)
+        else:
+            self._lives = lives
         obs = final_obs
         done = terminated | truncated  # what envpool itself considers finished: it must reset these
         if done.any():
@@ -71,7 +85,7 @@ class AtariEnv:
             new_obs, new_info = self._pool.reset(env_id)
             obs = final_obs.copy()
             obs[new_info["env_id"]] = _to_hwc(new_obs)
-            self._lives = lives.copy()
+            self._lives = self._lives.copy()
             self._lives[new_info["env_id"]] = new_info["lives"]
         return EnvStep(obs=obs, final_obs=final_obs, rew=rew.astype(np.float32), end=end,
                        trunc=truncated.astype(bool), lives=lives)
@@ -127,4 +141,4 @@ def make_atari_env(game: str, env_config: config_dict.ConfigDict, num_envs: int,
     )
     done_on_life_loss = c.train_done_on_life_loss if train else c.test_done_on_life_loss
     return AtariEnv(pool, num_envs, int(pool.action_space.n), bool(done_on_life_loss),
-                    action_names(game, c.full_action_space))
+                    action_names(game, c.full_action_space), c.get("life_loss_rule", "official"))

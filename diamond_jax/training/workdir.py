@@ -27,7 +27,9 @@ RESUMABLE_CHANGES = ("num_devices", "checkpoint.", "training.steps_per_call", "t
                      "evaluation.every", "*.optimizer.lr", "*.training.max_grad_norm")
 # Fields that later versions added, with the value that computes what runs saved before them computed: a saved
 # config without the field resumes under that value.
-ADDED_FIELDS = {"env.backend": "envpool", "training.phase_loop": "auto", "collection.test.temperature": 1.0}
+# (Runs of the first release ended an episode at every decrease of the life counter.)
+ADDED_FIELDS = {"env.backend": "envpool", "training.phase_loop": "auto", "collection.test.temperature": 1.0,
+                "env.life_loss_rule": "every_decrease"}
 
 
 class WorkdirInUse(OSError):
