@@ -48,7 +48,9 @@ class RunCheckpointer:
         unreadable = []
         for index in reversed(indices):
             try:
-                with _quiet():
+                # After a failed read, its worker threads go on printing tracebacks during the next read too:
+                # then hold back that read's output even when it succeeds.
+                with _quiet(pass_on=not unreadable):
                     restored = self._manager.restore(index, args=ocp.args.Composite(**{
                         STATE: ocp.args.StandardRestore(abstract_state), META: ocp.args.JsonRestore()}))
             except Exception as error:  # any failure to read means this checkpoint cannot be trusted
@@ -95,11 +97,12 @@ def _first_line(error: BaseException, limit: int = 300) -> str:
 
 
 @contextlib.contextmanager
-def _quiet():
+def _quiet(pass_on: bool = True):
     """Holds back what the libraries print while a checkpoint is read or written, and drops it if that fails:
     a damaged checkpoint or a full disk makes orbax log, and TensorStore's event loop print, a traceback for
     every array (thousands of lines), and the one line the caller reports says what happened. On success the
-    output is passed on. Captures the file descriptor, as TensorStore's callbacks print from C++."""
+    output is passed on (unless pass_on is False). Captures the file descriptor, as TensorStore's callbacks
+    print from C++."""
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as captured:
@@ -113,6 +116,6 @@ def _quiet():
             sys.stderr.flush()
             os.dup2(saved, 2)
             os.close(saved)
-            if ok:
+            if ok and pass_on:
                 captured.seek(0)
                 sys.stderr.write(captured.read().decode(errors="replace"))
