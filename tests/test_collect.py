@@ -8,6 +8,8 @@ import pytest
 
 from configs import atari100k
 from diamond_jax.data.replay import ReplayDataset
+from diamond_jax.envs import collect
+from diamond_jax.envs.base import EnvStep
 from diamond_jax.envs.atari import make_atari_env
 from diamond_jax.envs.collect import (TrainCollector, collect_initial, collect_test_episodes, keep_collecting_initial,
                                       policy_step_fn)
@@ -225,3 +227,41 @@ def test_initial_collection_rule_boundaries():
     assert not keep_collecting_initial([10, 4000, 0], 5000, 10, 10_000)  # exactly the threshold: stop
     assert keep_collecting_initial([4, 5000, 5], 5000, 10, 10_000)  # 4 + 5 < 10, classes in any order
     assert not keep_collecting_initial([0, 10_000, 0], 10_000, 10, 10_000)  # the maximum is reached
+
+
+class ScriptedEpisodes:
+    """A stand-in env: env i plays episodes of the lengths lengths[i][k]; each ends with reward 10 * i + k, so a
+    return names the env and the episode that earned it."""
+
+    def __init__(self, lengths, size):
+        self.lengths, self.size = lengths, size
+        self.num_envs, self.num_actions, self.action_names = len(lengths), 4, ("NOOP", "FIRE", "RIGHT", "LEFT")
+
+    def reset(self):
+        self.episode, self.t = [0] * self.num_envs, [0] * self.num_envs
+        return np.zeros((self.num_envs, self.size, self.size, 3), np.uint8)
+
+    def step(self, act):
+        frames = np.zeros((self.num_envs, self.size, self.size, 3), np.uint8)
+        rew, end = np.zeros(self.num_envs, np.float32), np.zeros(self.num_envs, bool)
+        for i in range(self.num_envs):
+            self.t[i] += 1
+            if self.t[i] == self.lengths[i][self.episode[i]]:
+                rew[i], end[i] = 10 * i + self.episode[i], True
+                self.episode[i], self.t[i] = self.episode[i] + 1, 0
+        return EnvStep(frames, frames, rew, end, np.zeros(self.num_envs, bool), np.zeros(self.num_envs, np.int32))
+
+
+def test_test_episodes_keep_the_first_n_started_not_the_first_n_finished(debug_config, debug_agent, monkeypatch):
+    """Env 0's first episode is long, env 1's are short. The first 4 episodes started are env 0's first and env 1's
+    first three (each env starts its next episode when one ends, while fewer than 4 have started); the first 4 to
+    finish would be env 1's four."""
+    agent, variables = debug_agent
+    lengths = [[6, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 1]]
+    monkeypatch.setattr(collect, "make_env", lambda config, n, train, seed: ScriptedEpisodes(lengths,
+                                                                                            config.env.size))
+    config = debug_config.unlock().copy_and_resolve_references()
+    config.collection.test.num_envs = 2
+    out = collect_test_episodes(config, agent.actor_critic, variables["actor_critic"], 4, jax.random.key(0), 0)
+    assert out["returns"] == [0.0, 10.0, 11.0, 12.0]  # episode e -> (env, its k-th episode): (0,0) (1,0) (1,1) (1,2)
+    assert out["lengths"] == [6, 1, 1, 1]
