@@ -60,9 +60,12 @@ def check_game(game: Any) -> None:
 
 @functools.lru_cache(maxsize=None)
 def _gymnax_env(game: str):
-    import gymnax  # an optional dependency: pip install -e ".[gymnax]"
-
     check_game(game)
+    try:
+        import gymnax  # an optional dependency
+    except ImportError as error:
+        raise ConfigError(f"config.env.backend='gymnax' needs gymnax, which cannot be imported ({error}). Fix: "
+                          "pip install -e '.[gymnax]'") from error
     env, params = gymnax.make(GAMES[game])
     return env, params
 
