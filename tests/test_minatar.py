@@ -69,3 +69,13 @@ def test_a_catch_run_trains_evaluates_and_writes_results(catch_run):
     with open(os.path.join(workdir, "evaluations.jsonl")) as f:
         records = [json.loads(line) for line in f]
     assert [r["final"] for r in records][-1] and all(len(r["returns"]) > 0 for r in records)
+
+
+def test_a_minatar_run_directory_resumes(tmp_path):
+    """Its config has no Atari-only field (the life-loss rule): the fields added since the first release must not
+    turn into changes when a MinAtar run is resumed."""
+    from diamond_jax.training import workdir
+
+    config = minatar.get_config("game=Catch,debug")
+    workdir.open_workdir(str(tmp_path), config, lock=False)
+    workdir.open_workdir(str(tmp_path), config, lock=False)  # resuming: the same config, accepted

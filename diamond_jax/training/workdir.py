@@ -149,7 +149,8 @@ def _check_config(workdir: str, config: config_dict.ConfigDict) -> None:
         with open(path) as f:
             saved = flatten(json.load(f))
         for field, value in ADDED_FIELDS.items():
-            saved.setdefault(field, value)
+            if field in current:  # a field of this config's kind (MinAtar's have no life-loss rule)
+                saved.setdefault(field, value)
         changes = config_changes(saved, current)
         refused = [k for k in changes if not resumable(k)]
         if refused:
