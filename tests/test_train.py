@@ -180,15 +180,21 @@ def test_a_stop_during_the_final_evaluation_resumes_before_it(reference_run, tmp
         assert f.read() == g.read()
 
 
-def test_sigterm_saves_and_exits_with_the_resume_code(tmp_path):
-    workdir = str(tmp_path / "run")
-    command = [sys.executable, "-m", "diamond_jax.main", "--config=configs/atari100k.py:debug", f"--workdir={workdir}",
-               "--cpu_devices=2"]
+def start_until_first_checkpoint(command, workdir):
+    """Starts a training command and waits until it has saved its first checkpoint; returns the process."""
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while not glob.glob(os.path.join(workdir, "checkpoints", "1")) and time.time() < deadline:
         assert process.poll() is None, process.stdout.read()
         time.sleep(0.2)
+    return process
+
+
+def test_sigterm_saves_and_exits_with_the_resume_code(tmp_path):
+    workdir = str(tmp_path / "run")
+    command = [sys.executable, "-m", "diamond_jax.main", "--config=configs/atari100k.py:debug", f"--workdir={workdir}",
+               "--cpu_devices=2"]
+    process = start_until_first_checkpoint(command, workdir)
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 75, output
@@ -204,11 +210,7 @@ def test_sigterm_saves_and_exits_with_the_resume_code(tmp_path):
 def test_ctrl_c_saves_and_exits_like_sigterm_without_a_traceback(tmp_path):
     workdir = str(tmp_path / "run")
     command = [sys.executable, "-m", "diamond_jax.main", "--config=configs/atari100k.py:debug", f"--workdir={workdir}"]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300
-    while not glob.glob(os.path.join(workdir, "checkpoints", "1")) and time.time() < deadline:
-        assert process.poll() is None, process.stdout.read()
-        time.sleep(0.2)
+    process = start_until_first_checkpoint(command, workdir)
     process.send_signal(signal.SIGINT)
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 75, output
