@@ -22,6 +22,10 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
     c.game = "Breakout"  # one of the 26 Atari 100k games (diamond_jax.envs.games.ATARI_100K_GAMES)
     c.seed = 0  # seeds every random draw: model init, sampling, collection, envs
     c.num_devices = 0  # local devices to shard batches over; 0 = all of them
+    # Dtype of the models' matrix products, convolutions and activations (diamond_jax/models/precision.py):
+    # "float32" (the paper's) or "bfloat16" (for GPUs and TPUs; parameters, optimiser states,
+    # normalisation statistics, losses and the sampler stay float32).
+    c.precision = "float32"
 
     # Shared numbers, referenced by several sections so that one override changes them everywhere.
     horizon = config_dict.FieldReference(15)

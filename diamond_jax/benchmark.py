@@ -5,7 +5,8 @@ code (a JSON passed with --reference), and the projected wall-clock of one Atari
     python -m diamond_jax.benchmark --config=configs/atari100k.py --reference=ref.json --json=bench_vs_ref.json
     python -m diamond_jax.benchmark --config=configs/atari100k.py:debug --only=inner_model_forward --repeats=2
 
-Every item runs at the config's batch sizes (32 in the paper's config), float32 (see --matmul_precision). Each
+Every item runs at the config's batch sizes (32 in the paper's config) and precision (float32 in the paper's
+config: see --matmul_precision; --config.precision=bfloat16 for bfloat16 products and convolutions). Each
 reports the median, min and max time of its timed calls after warm-up, its throughput in the reference's unit,
 its compile time, FLOPs per call, achieved FLOP/s and fraction of peak, and memory. With --reference, `ours/ref`
 is our median time over the reference's (< 1: ours is faster). Items, with the paper config's sizes:
@@ -103,7 +104,7 @@ _MATMUL_PRECISION = flags.DEFINE_enum(
     "matmul_precision", "default", ["default", "highest"],
     "JAX's precision for float32 matrix products and convolutions: 'default' lets NVIDIA GPUs (Ampere and "
     "later) use TF32, as the reference trainer does, and TPUs one bf16 pass; 'highest' computes in float32. "
-    "Parameters and activations are float32 either way (there is no bfloat16 option).")
+    "Parameters are float32 either way; --config.precision=bfloat16 runs the products in bfloat16 instead.")
 
 
 def selected_items(only: List[str], skip: List[str]) -> List[str]:
@@ -172,7 +173,9 @@ def build_meta(mesh, game_actions: int, warmup: int, repeats: int, peak: Any, pe
         "config_overrides": config_flags.get_override_values(flags.FLAGS["config"]),
         "game": _CONFIG.value.game,
         "num_actions": game_actions,
-        "dtype": "float32 parameters, activations and optimiser state",
+        "dtype": ("float32 parameters and optimiser state, bfloat16 products, convolutions and activations"
+                  if _CONFIG.value.get("precision", "float32") == "bfloat16"
+                  else "float32 parameters, activations and optimiser state"),
         "matmul_precision": _MATMUL_PRECISION.value,
         "xla_flags": os.environ.get("XLA_FLAGS"),
         "warmup": warmup,

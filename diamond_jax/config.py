@@ -6,6 +6,7 @@ from typing import Any, Optional, Sequence
 
 from ml_collections import config_dict
 
+from diamond_jax.models.precision import DEFAULT_PRECISION, PRECISIONS
 from diamond_jax.models.sizes import ATTN_HEAD_DIM, GN_GROUP_SIZE, num_groups, num_heads
 
 # How a compiled training call loops over its updates (training.phases.use_scan).
@@ -97,6 +98,10 @@ def validate(c: config_dict.ConfigDict) -> None:
         _fail("seed", c.seed, "must be an integer >= 0", "pass e.g. --config.seed=3")
     if not isinstance(c.num_devices, int) or c.num_devices < 0:
         _fail("num_devices", c.num_devices, "must be an integer >= 0", "use 0 for all local devices")
+    precision = c.get("precision", DEFAULT_PRECISION)  # absent from configs saved before it existed
+    if precision not in PRECISIONS:
+        _fail("precision", precision, f"must be one of {', '.join(PRECISIONS)}",
+              "use float32 (the paper's) or bfloat16 (matrix products and convolutions in bfloat16)")
 
     # Environment (the Atari fields only for envpool; the game itself is checked by envs.check_env_config).
     positive_int("env.size", "env.max_episode_steps")

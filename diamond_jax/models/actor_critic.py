@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from diamond_jax.models.blocks import Conv, Dense, HxCx, LSTMCell, SmallResBlock, flatten_chw, init_key
+from diamond_jax.models.blocks import Conv, Dense, Dtype, HxCx, LSTMCell, SmallResBlock, flatten_chw, init_key
+from diamond_jax.models.precision import compute_dtype
 
 
 class ActorCriticOutput(NamedTuple):
@@ -20,10 +21,13 @@ class ActorCriticOutput(NamedTuple):
 
 
 class ActorCriticNet(nn.Module):
+    """Computes in `dtype` (models/precision.py); returns float32 logits, value and LSTM state."""
+
     num_actions: int
     lstm_dim: int
     channels: Sequence[int]
     down: Sequence[int]
+    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, obs: jax.Array, hx_cx: HxCx) -> ActorCriticOutput:
@@ -31,18 +35,19 @@ class ActorCriticNet(nn.Module):
         chex.assert_shape(obs, (b, None, None, 3))
         chex.assert_shape(hx_cx, [(b, self.lstm_dim)] * 2)
         # Names are the indices of the official nn.Sequential: conv, then (block, max-pool) per level.
-        x = Conv(self.channels[0], name="encoder_0")(obs)
+        dt = self.dtype
+        x = Conv(self.channels[0], dtype=dt, name="encoder_0")(obs)
         index = 1
         for i, ch in enumerate(self.channels):
-            x = SmallResBlock(ch, name=f"encoder_{index}")(x)
+            x = SmallResBlock(ch, dt, name=f"encoder_{index}")(x)
             index += 1
             if self.down[i]:
                 x = nn.max_pool(x, (2, 2), strides=(2, 2))
                 index += 1
-        hx_cx, hx = LSTMCell(self.lstm_dim, name="lstm")(hx_cx, flatten_chw(x))
-        logits = Dense(self.num_actions, zero_init=True, name="actor_linear")(hx)
-        val = Dense(1, zero_init=True, name="critic_linear")(hx)[:, 0]
-        return ActorCriticOutput(logits, val, hx_cx)
+        hx_cx, hx = LSTMCell(self.lstm_dim, dt, name="lstm")(hx_cx, flatten_chw(x))
+        logits = Dense(self.num_actions, zero_init=True, dtype=dt, name="actor_linear")(hx)
+        val = Dense(1, zero_init=True, dtype=dt, name="critic_linear")(hx)[:, 0]
+        return ActorCriticOutput(logits.astype(jnp.float32), val.astype(jnp.float32), hx_cx)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,16 +60,17 @@ class ActorCritic:
     lambda_: float = 0.95
     weight_value_loss: float = 1.0
     weight_entropy_loss: float = 0.001
+    compute_dtype: Dtype = jnp.float32  # models/precision.py
 
     @classmethod
     def from_config(cls, config, num_actions: int) -> "ActorCritic":
         ac = config.actor_critic
         return cls(num_actions=num_actions, lstm_dim=ac.lstm_dim, channels=tuple(ac.channels),
-                   down=tuple(ac.down), **ac.loss.to_dict())
+                   down=tuple(ac.down), compute_dtype=compute_dtype(config), **ac.loss.to_dict())
 
     @property
     def net(self) -> ActorCriticNet:
-        return ActorCriticNet(self.num_actions, self.lstm_dim, self.channels, self.down)
+        return ActorCriticNet(self.num_actions, self.lstm_dim, self.channels, self.down, self.compute_dtype)
 
     def init(self, key: jax.Array, size: int) -> Dict[str, Any]:
         def init(key):

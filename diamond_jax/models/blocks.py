@@ -3,10 +3,14 @@
 Module and parameter names follow the official PyTorch modules (`d_blocks_0/resblocks_1/norm1/linear`
 for `d_blocks.0.resblocks.1.norm1.linear`) so that official checkpoints map onto ours by name.
 Initialisation follows PyTorch's defaults, which the official training recipe was tuned with.
+
+Every layer takes `dtype`, the compute dtype of models/precision.py's policy: its matrix products and
+convolutions take operands of that dtype and return it, from float32 parameters; normalisation statistics,
+softmaxes and the LSTM state stay float32. With float32 every cast is a no-op.
 """
 
 import math
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +21,7 @@ from diamond_jax.models.sizes import num_groups, num_heads
 GN_EPS = 1e-5
 
 Initializer = Callable[..., jax.Array]
+Dtype = Any  # a compute dtype: jnp.float32 or jnp.bfloat16 (models/precision.py)
 HxCx = Tuple[jax.Array, jax.Array]  # an LSTM state (hidden, cell), each [b, lstm_dim]
 
 # PyTorch's default for Linear and Conv weights: kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)).
@@ -45,16 +50,17 @@ class Dense(nn.Module):
     features: int
     use_bias: bool = True
     zero_init: bool = False
+    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         fan_in = x.shape[-1]
         kernel_init = nn.initializers.zeros if self.zero_init else torch_default_kernel_init
         kernel = self.param("kernel", kernel_init, (fan_in, self.features))
-        y = x @ kernel
+        y = x.astype(self.dtype) @ kernel.astype(self.dtype)
         if self.use_bias:
             bias_init = nn.initializers.zeros if self.zero_init else torch_default_bias_init(fan_in)
-            y = y + self.param("bias", bias_init, (self.features,))
+            y = y + self.param("bias", bias_init, (self.features,)).astype(self.dtype)
         return y
 
 
@@ -70,6 +76,7 @@ class Conv(nn.Module):
     stride: int = 1
     kernel_init: Optional[Initializer] = None
     zero_bias: bool = False
+    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -80,52 +87,64 @@ class Conv(nn.Module):
         bias = self.param("bias", bias_init, (self.features,))
         # Explicit symmetric padding: SAME would pad stride-2 convolutions on one side only, unlike PyTorch.
         y = jax.lax.conv_general_dilated(
-            x, kernel, (self.stride, self.stride), [(k // 2, k // 2)] * 2,
+            x.astype(self.dtype), kernel.astype(self.dtype), (self.stride, self.stride), [(k // 2, k // 2)] * 2,
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
         )
-        return y + bias
+        return y + bias.astype(self.dtype)
 
 
 class GroupNorm(nn.Module):
-    """GroupNorm with groups of GN_GROUP_SIZE channels (at least one group), learned affine."""
+    """GroupNorm with groups of GN_GROUP_SIZE channels (at least one group), learned affine. Flax computes the
+    statistics and the normalisation in float32 whatever the input's dtype, and returns `dtype`."""
+
+    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return nn.GroupNorm(num_groups(x.shape[-1]), epsilon=GN_EPS, use_fast_variance=False, name="norm")(x)
+        return nn.GroupNorm(num_groups(x.shape[-1]), epsilon=GN_EPS, use_fast_variance=False, dtype=self.dtype,
+                            name="norm")(x)
 
 
 class AdaGroupNorm(nn.Module):
     """GroupNorm whose scale and shift are predicted from a conditioning vector."""
 
+    dtype: Dtype = jnp.float32
+
     @nn.compact
     def __call__(self, x: jax.Array, cond: jax.Array) -> jax.Array:
         c = x.shape[-1]
-        x = nn.GroupNorm(num_groups(c), epsilon=GN_EPS, use_scale=False, use_bias=False, use_fast_variance=False)(x)
-        scale, shift = jnp.split(Dense(2 * c, name="linear")(cond)[:, None, None, :], 2, axis=-1)
+        x = nn.GroupNorm(num_groups(c), epsilon=GN_EPS, use_scale=False, use_bias=False, use_fast_variance=False,
+                         dtype=self.dtype)(x)
+        scale, shift = jnp.split(Dense(2 * c, dtype=self.dtype, name="linear")(cond)[:, None, None, :], 2, axis=-1)
         return x * (1 + scale) + shift
 
 
 class SelfAttention2d(nn.Module):
-    """Multi-head self-attention over the pixels, heads of ATTN_HEAD_DIM channels."""
+    """Multi-head self-attention over the pixels, heads of ATTN_HEAD_DIM channels; the softmax in float32."""
+
+    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         n, h, w, c = x.shape
         n_head = num_heads(c)
         head_dim = c // n_head
-        x = GroupNorm(name="norm")(x)
-        qkv = Conv(3 * c, kernel_size=1, name="qkv_proj")(x)
+        x = GroupNorm(self.dtype, name="norm")(x)
+        qkv = Conv(3 * c, kernel_size=1, dtype=self.dtype, name="qkv_proj")(x)
         # Channels are [q heads | k heads | v heads], each head contiguous, as in the official layout.
         qkv = qkv.reshape(n, h * w, 3, n_head, head_dim).transpose(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
-        att = jax.nn.softmax(q @ k.swapaxes(-1, -2) / math.sqrt(head_dim), axis=-1)
-        y = (att @ v).transpose(0, 2, 1, 3).reshape(n, h, w, c)
+        att = jax.nn.softmax((q @ k.swapaxes(-1, -2) / math.sqrt(head_dim)).astype(jnp.float32), axis=-1)
+        y = (att.astype(self.dtype) @ v).transpose(0, 2, 1, 3).reshape(n, h, w, c)
         # The official block adds the output to the *normalised* input; kept for checkpoint compatibility.
-        return x + Conv(c, kernel_size=1, kernel_init=nn.initializers.zeros, zero_bias=True, name="out_proj")(y)
+        return x + Conv(c, kernel_size=1, kernel_init=nn.initializers.zeros, zero_bias=True, dtype=self.dtype,
+                        name="out_proj")(y)
 
 
 class FourierFeatures(nn.Module):
-    """Fixed random Fourier features of a scalar per row (a buffer, not a trained parameter)."""
+    """Fixed random Fourier features of a scalar per row (a buffer, not a trained parameter), in float32 under
+    every policy: the noise level's phase 2 pi c_noise w reaches tens of radians, which bfloat16's 8-bit
+    mantissa would blur by a tenth of a radian."""
 
     features: int
 
@@ -140,28 +159,35 @@ class FourierFeatures(nn.Module):
 
 
 class Downsample(nn.Module):
+    dtype: Dtype = jnp.float32
+
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return Conv(x.shape[-1], stride=2, kernel_init=nn.initializers.orthogonal(), name="conv")(x)
+        return Conv(x.shape[-1], stride=2, kernel_init=nn.initializers.orthogonal(), dtype=self.dtype, name="conv")(x)
 
 
 class Upsample(nn.Module):
+    dtype: Dtype = jnp.float32
+
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        return Conv(x.shape[-1], name="conv")(x)
+        return Conv(x.shape[-1], dtype=self.dtype, name="conv")(x)
 
 
 class SmallResBlock(nn.Module):
     """GroupNorm -> SiLU -> conv3x3, plus the input (1x1-projected when channels change)."""
 
     out_channels: int
+    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        skip = x if x.shape[-1] == self.out_channels else Conv(self.out_channels, 1, name="skip_projection")(x)
+        dt = self.dtype
+        skip = x if x.shape[-1] == self.out_channels else Conv(self.out_channels, 1, dtype=dt,
+                                                                 name="skip_projection")(x)
         # Named f_0 and f_2 like the official nn.Sequential(GroupNorm, SiLU, Conv3x3).
-        return skip + Conv(self.out_channels, name="f_2")(nn.silu(GroupNorm(name="f_0")(x)))
+        return skip + Conv(self.out_channels, dtype=dt, name="f_2")(nn.silu(GroupNorm(dt, name="f_0")(x)))
 
 
 class ResBlock(nn.Module):
@@ -169,15 +195,17 @@ class ResBlock(nn.Module):
 
     out_channels: int
     attn: bool
+    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, cond: jax.Array) -> jax.Array:
-        r = x if x.shape[-1] == self.out_channels else Conv(self.out_channels, 1, name="proj")(x)
-        x = Conv(self.out_channels, name="conv1")(nn.silu(AdaGroupNorm(name="norm1")(x, cond)))
-        x = Conv(self.out_channels, kernel_init=nn.initializers.zeros, name="conv2")(
-            nn.silu(AdaGroupNorm(name="norm2")(x, cond)))
+        dt = self.dtype
+        r = x if x.shape[-1] == self.out_channels else Conv(self.out_channels, 1, dtype=dt, name="proj")(x)
+        x = Conv(self.out_channels, dtype=dt, name="conv1")(nn.silu(AdaGroupNorm(dt, name="norm1")(x, cond)))
+        x = Conv(self.out_channels, kernel_init=nn.initializers.zeros, dtype=dt, name="conv2")(
+            nn.silu(AdaGroupNorm(dt, name="norm2")(x, cond)))
         x = x + r
-        return SelfAttention2d(name="attn")(x) if self.attn else x
+        return SelfAttention2d(dt, name="attn")(x) if self.attn else x
 
 
 class ResBlocks(nn.Module):
@@ -185,6 +213,7 @@ class ResBlocks(nn.Module):
 
     out_channels: Sequence[int]
     attn: bool
+    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, cond: jax.Array,
@@ -193,7 +222,7 @@ class ResBlocks(nn.Module):
         for i, out_ch in enumerate(self.out_channels):
             if to_cat is not None:
                 x = jnp.concatenate([x, to_cat[i]], axis=-1)
-            x = ResBlock(out_ch, self.attn, name=f"resblocks_{i}")(x, cond)
+            x = ResBlock(out_ch, self.attn, self.dtype, name=f"resblocks_{i}")(x, cond)
             outputs.append(x)
         return x, outputs
 
@@ -204,38 +233,41 @@ class UNet(nn.Module):
     depths: Sequence[int]
     channels: Sequence[int]
     attn_depths: Sequence[int]
+    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, cond: jax.Array) -> jax.Array:
-        depths, channels = self.depths, self.channels
+        depths, channels, dt = self.depths, self.channels, self.dtype
         num_down = len(channels) - 1
         assert x.shape[1] % 2 ** num_down == 0 and x.shape[2] % 2 ** num_down == 0, (x.shape, num_down)
 
         d_outputs = []
         for i, n in enumerate(depths):
-            x_down = Downsample(name=f"downsamples_{i}")(x) if i > 0 else x
-            x, block_outputs = ResBlocks([channels[i]] * n, bool(self.attn_depths[i]), name=f"d_blocks_{i}")(
+            x_down = Downsample(dt, name=f"downsamples_{i}")(x) if i > 0 else x
+            x, block_outputs = ResBlocks([channels[i]] * n, bool(self.attn_depths[i]), dt, name=f"d_blocks_{i}")(
                 x_down, cond)
             d_outputs.append((x_down, *block_outputs))
 
-        x, _ = ResBlocks([channels[-1]] * 2, True, name="mid_blocks")(x, cond)
+        x, _ = ResBlocks([channels[-1]] * 2, True, dt, name="mid_blocks")(x, cond)
 
         # Up level j mirrors down level i = L-1-j, and ends with the channels of the level above.
         for j, skip in enumerate(reversed(d_outputs)):
             i = len(depths) - 1 - j
-            x = Upsample(name=f"upsamples_{j}")(x) if j > 0 else x
+            x = Upsample(dt, name=f"upsamples_{j}")(x) if j > 0 else x
             out = [channels[i]] * depths[i] + [channels[max(0, i - 1)]]
-            x, _ = ResBlocks(out, bool(self.attn_depths[i]), name=f"u_blocks_{j}")(x, cond, skip[::-1])
+            x, _ = ResBlocks(out, bool(self.attn_depths[i]), dt, name=f"u_blocks_{j}")(x, cond, skip[::-1])
         return x
 
 
 class LSTMCell(nn.Module):
     """LSTM cell with PyTorch's parameter layout (gates i, f, g, o) and the official initialisation:
     Xavier-uniform input weights, orthogonal recurrent weights, zero biases but a forget-gate bias of 1.
-    Carry first, Flax style, so that nn.scan can run it over time.
+    Carry first, Flax style, so that nn.scan can run it over time. The two products run in `dtype`; the gates
+    and the state are float32, so that rounding does not accumulate along a sequence.
     """
 
     hidden: int
+    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, hx_cx: HxCx, x: jax.Array) -> Tuple[HxCx, jax.Array]:
@@ -249,7 +281,10 @@ class LSTMCell(nn.Module):
         w_hh = self.param("kernel_hh", nn.initializers.orthogonal(), (h, 4 * h))
         b_ih = self.param("bias_ih", forget_bias_one, (4 * h,))
         b_hh = self.param("bias_hh", nn.initializers.zeros, (4 * h,))
-        gates = x @ w_ih + b_ih + hx @ w_hh + b_hh
+        def product(a, w):
+            return (a.astype(self.dtype) @ w.astype(self.dtype)).astype(jnp.float32)
+
+        gates = product(x, w_ih) + b_ih + product(hx, w_hh) + b_hh
         i, f, g, o = jnp.split(gates, 4, axis=-1)
         cx = jax.nn.sigmoid(f) * cx + jax.nn.sigmoid(i) * jnp.tanh(g)
         hx = jax.nn.sigmoid(o) * jnp.tanh(cx)

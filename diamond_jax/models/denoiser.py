@@ -13,14 +13,16 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from diamond_jax.data.batch import Batch
-from diamond_jax.models.blocks import Conv, Dense, FourierFeatures, GroupNorm, UNet, init_key
+from diamond_jax.models.blocks import Conv, Dense, Dtype, FourierFeatures, GroupNorm, UNet, init_key
+from diamond_jax.models.precision import compute_dtype
 
 IMG_CHANNELS = 3
 Variables = Dict[str, Any]  # {"params": ..., "buffers": ...}
 
 
 class InnerModel(nn.Module):
-    """F: a U-Net conditioned on the noise level and the past actions through every AdaGroupNorm."""
+    """F: a U-Net conditioned on the noise level and the past actions through every AdaGroupNorm. Computes in
+    `dtype` (models/precision.py) and returns float32."""
 
     num_actions: int
     num_steps_conditioning: int
@@ -28,6 +30,7 @@ class InnerModel(nn.Module):
     depths: Sequence[int]
     channels: Sequence[int]
     attn_depths: Sequence[int]
+    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, noisy_next_obs: jax.Array, c_noise: jax.Array, obs: jax.Array, act: jax.Array) -> jax.Array:
@@ -38,12 +41,13 @@ class InnerModel(nn.Module):
         act_emb = nn.Embed(self.num_actions, self.cond_channels // self.num_steps_conditioning,
                            embedding_init=nn.initializers.normal(1.0), name="act_emb_0")(act).reshape(b, -1)
         noise_emb = FourierFeatures(self.cond_channels, name="noise_emb")(jnp.broadcast_to(c_noise, (b,)))
-        cond = Dense(self.cond_channels, name="cond_proj_0")(noise_emb + act_emb)
-        cond = Dense(self.cond_channels, name="cond_proj_2")(nn.silu(cond))
-        x = Conv(self.channels[0], name="conv_in")(jnp.concatenate([obs, noisy_next_obs], axis=-1))
-        x = UNet(self.depths, self.channels, self.attn_depths, name="unet")(x, cond)
-        return Conv(IMG_CHANNELS, kernel_init=nn.initializers.zeros, name="conv_out")(
-            nn.silu(GroupNorm(name="norm_out")(x)))
+        dt = self.dtype
+        cond = Dense(self.cond_channels, dtype=dt, name="cond_proj_0")(noise_emb + act_emb)
+        cond = Dense(self.cond_channels, dtype=dt, name="cond_proj_2")(nn.silu(cond))
+        x = Conv(self.channels[0], dtype=dt, name="conv_in")(jnp.concatenate([obs, noisy_next_obs], axis=-1))
+        x = UNet(self.depths, self.channels, self.attn_depths, dt, name="unet")(x, cond)
+        return Conv(IMG_CHANNELS, kernel_init=nn.initializers.zeros, dtype=dt, name="conv_out")(
+            nn.silu(GroupNorm(dt, name="norm_out")(x))).astype(jnp.float32)
 
 
 class Conditioners(NamedTuple):
@@ -100,6 +104,7 @@ class Denoiser:
     sigma_scale: float = 1.2
     sigma_train_min: float = 2e-3
     sigma_train_max: float = 20.0
+    compute_dtype: Dtype = jnp.float32  # of the U-Net (models/precision.py); the rest is float32
 
     @classmethod
     def from_config(cls, config, num_actions: int) -> "Denoiser":
@@ -109,12 +114,13 @@ class Denoiser:
             cond_channels=im.cond_channels, depths=tuple(im.depths), channels=tuple(im.channels),
             attn_depths=tuple(im.attn_depths), sigma_data=d.sigma_data, sigma_offset_noise=d.sigma_offset_noise,
             sigma_loc=sd.loc, sigma_scale=sd.scale, sigma_train_min=sd.sigma_min, sigma_train_max=sd.sigma_max,
+            compute_dtype=compute_dtype(config),
         )
 
     @property
     def inner_model(self) -> InnerModel:
         return InnerModel(self.num_actions, self.num_steps_conditioning, self.cond_channels, self.depths,
-                          self.channels, self.attn_depths)
+                          self.channels, self.attn_depths, self.compute_dtype)
 
     def init(self, key: jax.Array, size: int) -> Variables:
         n = self.num_steps_conditioning

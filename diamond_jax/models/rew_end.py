@@ -10,31 +10,38 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from diamond_jax.data.batch import Batch
-from diamond_jax.models.blocks import Conv, Dense, Downsample, HxCx, LSTMCell, ResBlocks, flatten_chw, init_key
+from diamond_jax.models.blocks import (Conv, Dense, Downsample, Dtype, HxCx, LSTMCell, ResBlocks, flatten_chw,
+                                       init_key)
+from diamond_jax.models.precision import compute_dtype
 
 
 class RewEndEncoder(nn.Module):
     depths: Sequence[int]
     channels: Sequence[int]
     attn_depths: Sequence[int]
+    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, cond: jax.Array) -> jax.Array:
-        x = Conv(self.channels[0], name="conv_in")(x)
+        dt = self.dtype
+        x = Conv(self.channels[0], dtype=dt, name="conv_in")(x)
         for i, n in enumerate(self.depths):
-            x = Downsample(name=f"downsamples_{i}")(x) if i > 0 else x
-            x, _ = ResBlocks([self.channels[i]] * n, bool(self.attn_depths[i]), name=f"blocks_{i}")(x, cond)
-        x, _ = ResBlocks([self.channels[-1]] * 2, True, name=f"blocks_{len(self.depths)}")(x, cond)
+            x = Downsample(dt, name=f"downsamples_{i}")(x) if i > 0 else x
+            x, _ = ResBlocks([self.channels[i]] * n, bool(self.attn_depths[i]), dt, name=f"blocks_{i}")(x, cond)
+        x, _ = ResBlocks([self.channels[-1]] * 2, True, dt, name=f"blocks_{len(self.depths)}")(x, cond)
         return x
 
 
 class RewEndNet(nn.Module):
+    """Computes in `dtype` (models/precision.py); returns float32 logits and LSTM state."""
+
     num_actions: int
     lstm_dim: int
     cond_channels: int
     depths: Sequence[int]
     channels: Sequence[int]
     attn_depths: Sequence[int]
+    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, obs: jax.Array, act: jax.Array, next_obs: jax.Array,
@@ -45,13 +52,14 @@ class RewEndNet(nn.Module):
         frames = jnp.concatenate([obs, next_obs], axis=-1).reshape((b * t,) + obs.shape[2:4] + (6,))
         cond = nn.Embed(self.num_actions, self.cond_channels, embedding_init=nn.initializers.normal(1.0),
                         name="act_emb")(act.reshape(b * t))
-        x = RewEndEncoder(self.depths, self.channels, self.attn_depths, name="encoder")(frames, cond)
+        dt = self.dtype
+        x = RewEndEncoder(self.depths, self.channels, self.attn_depths, dt, name="encoder")(frames, cond)
         x = flatten_chw(x).reshape(b, t, -1)
         lstm = nn.scan(LSTMCell, variable_broadcast="params", split_rngs={"params": False}, in_axes=1,
-                       out_axes=1)(self.lstm_dim, name="lstm")
+                       out_axes=1)(self.lstm_dim, dt, name="lstm")
         hx_cx, x = lstm(hx_cx, x)
-        logits = Dense(self.lstm_dim, name="head_0")(x)
-        logits = Dense(3 + 2, use_bias=False, name="head_2")(nn.silu(logits))
+        logits = Dense(self.lstm_dim, dtype=dt, name="head_0")(x)
+        logits = Dense(3 + 2, use_bias=False, dtype=dt, name="head_2")(nn.silu(logits)).astype(jnp.float32)
         return logits[..., :3], logits[..., 3:], hx_cx
 
 
@@ -63,17 +71,19 @@ class RewEndModel:
     depths: Tuple[int, ...] = (2, 2, 2, 2)
     channels: Tuple[int, ...] = (32, 32, 32, 32)
     attn_depths: Tuple[int, ...] = (0, 0, 0, 0)
+    compute_dtype: Dtype = jnp.float32  # models/precision.py
 
     @classmethod
     def from_config(cls, config, num_actions: int) -> "RewEndModel":
         r = config.rew_end_model
         return cls(num_actions=num_actions, lstm_dim=r.lstm_dim, cond_channels=r.cond_channels,
-                   depths=tuple(r.depths), channels=tuple(r.channels), attn_depths=tuple(r.attn_depths))
+                   depths=tuple(r.depths), channels=tuple(r.channels), attn_depths=tuple(r.attn_depths),
+                   compute_dtype=compute_dtype(config))
 
     @property
     def net(self) -> RewEndNet:
         return RewEndNet(self.num_actions, self.lstm_dim, self.cond_channels, self.depths, self.channels,
-                         self.attn_depths)
+                         self.attn_depths, self.compute_dtype)
 
     def init(self, key: jax.Array, size: int) -> Dict[str, Any]:
         frames = jnp.zeros((1, 1, size, size, 3))

@@ -29,7 +29,7 @@ RESUMABLE_CHANGES = ("num_devices", "checkpoint.", "training.steps_per_call", "t
 # config without the field resumes under that value.
 # (Runs of the first release ended an episode at every decrease of the life counter.)
 ADDED_FIELDS = {"env.backend": "envpool", "training.phase_loop": "auto", "collection.test.temperature": 1.0,
-                "env.life_loss_rule": "every_decrease"}
+                "env.life_loss_rule": "every_decrease", "precision": "float32"}
 
 
 class WorkdirInUse(OSError):
