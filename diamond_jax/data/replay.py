@@ -401,9 +401,11 @@ class ReplayDataset:
 
     @classmethod
     def load(cls, directory: str, up_to: Optional[Dict[str, Any]] = None,
-             sharding: Optional[jax.sharding.Sharding] = None) -> "ReplayDataset":
+             sharding: Optional[jax.sharding.Sharding] = None, read_only: bool = False) -> "ReplayDataset":
         """Restores a saved dataset bit-exactly; with up_to (a `summary()` of an earlier state of the same
-        dataset), restores that earlier state. Files left by an interrupted save are deleted.
+        dataset), restores that earlier state. Files left by an interrupted save are deleted, unless read_only:
+        a reader of a live run's dataset (diamond_jax.diagnose) must not delete the chunks that its writer is
+        saving (a read-only dataset saved later writes all its chunks anew, as to a new directory).
 
         A missing, truncated or garbled chunk file is logged by name, and the dataset is cut to the longest
         consistent prefix before it: in its lane, the slots from the damaged chunk on; everywhere, the
@@ -416,9 +418,10 @@ class ReplayDataset:
             raise FileNotFoundError(f"no replay dataset in {directory} (missing {INDEX_FILE})")
         meta, index = files.read_index(path)
         frames_dir = os.path.join(directory, FRAMES_DIR)
-        files.remove_unreferenced(frames_dir, index["chunks"][:, 3])
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")
+        if not read_only:
+            files.remove_unreferenced(frames_dir, index["chunks"][:, 3])
+            if os.path.exists(path + ".tmp"):
+                os.remove(path + ".tmp")
         replay = cls(meta["num_lanes"], tuple(meta["frame_shape"]), meta["initial_capacity"],
                      meta["initial_episode_capacity"], sharding)
         sizes = index["lane_sizes"].tolist()
@@ -473,7 +476,7 @@ class ReplayDataset:
             replay.counts_end += np.bincount(steps[2][is_step].astype(np.int64), minlength=2)
             if len(in_progress):
                 replay._open[i] = int(in_progress[-1])
-        replay._save_dir, replay._saved_size = directory, list(sizes)
+        replay._save_dir, replay._saved_size = (None if read_only else directory), list(sizes)
         replay._chunks = np.array([(lane, start, min(count, sizes[lane] - start), file_id, crc)
                                    for lane, start, count, file_id, crc in kept if sizes[lane] > start],
                                   np.int64).reshape(-1, files.CHUNK_COLUMNS)
