@@ -104,8 +104,8 @@ class Trainer:
         return {"models": models, "imagined": imagined}
 
     def _place(self, state: Dict[str, Any]) -> Dict[str, Any]:
-        return {"models": jax.device_put(state["models"], self.rep),
-                "imagined": jax.device_put(state["imagined"], self.data)}
+        return {"models": parallel.place(state["models"], self.rep),
+                "imagined": parallel.place(state["imagined"], self.data)}
 
     def _restore_or_start(self) -> None:
         abstract = jax.eval_shape(self._fresh_state)
@@ -352,8 +352,9 @@ class Trainer:
             raise Preempted(f"evaluation {stop}; checkpoint {self._save_index} resumes before it") from stop
 
     def _save_agent(self) -> None:
-        variables = {name: self.state["models"][name].variables() for name in MODEL_NAMES}
-        save_agent(os.path.join(self.workdir, "agent"), self.config, variables, step=self.progress.epoch)
+        if self.is_writer:  # every process holds the same replicated variables
+            variables = {name: self.state["models"][name].variables() for name in MODEL_NAMES}
+            save_agent(os.path.join(self.workdir, "agent"), self.config, variables, step=self.progress.epoch)
 
     def _evaluate(self) -> None:
         self._save_agent()

@@ -1,7 +1,7 @@
 """Data parallelism: a one-axis device mesh; batches are split along it, everything else is replicated."""
 
 import os
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
@@ -72,6 +72,17 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def data_sharded(mesh: Mesh) -> NamedSharding:
     """Splits the leading (batch) axis over the mesh."""
     return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def place(tree: Any, sharding: Any) -> Any:
+    """jax.device_put onto the mesh, in a run of one process or several (every process passing the same values).
+
+    With several processes, host copies are placed: JAX 0.10 places an array of this process's device (anything
+    computed before placing) onto a replicated sharding as an array whose shards cannot be read (orbax fails
+    to save it)."""
+    if jax.process_count() > 1:
+        tree = jax.device_get(tree)
+    return jax.device_put(tree, sharding)
 
 
 def check_batch_size(batch_size: int, mesh: Mesh, field: str) -> None:
