@@ -171,11 +171,14 @@ class Trainer:
 
     def _maybe_stop_or_save(self) -> None:
         """Between two compiled calls: honours a stop request, or saves when `every_minutes` have passed."""
-        if self._stop_requested:
+        minutes = self.config.checkpoint.every_minutes
+        due = bool(minutes) and time.monotonic() - self._last_save > 60 * minutes
+        # With several processes, a signal or a clock seen by one stops or saves them all (a save is collective).
+        stop, due = parallel.any_process([self._stop_requested, due])
+        if stop:
             self.save()
             raise Preempted(f"saved checkpoint {self._save_index} in {self.checkpointer.directory}")
-        minutes = self.config.checkpoint.every_minutes
-        if minutes and time.monotonic() - self._last_save > 60 * minutes:
+        if due:
             self.save()
 
     # ---- The schedule.
@@ -346,7 +349,8 @@ class Trainer:
         try:
             return collect_test_episodes(self.config, self.agent.actor_critic,
                                          self.state["models"]["actor_critic"].variables(), num_episodes, key,
-                                         self._env_seed(p.num_evaluations), should_stop=lambda: self._stop_requested)
+                                         self._env_seed(p.num_evaluations),
+                                         should_stop=lambda: parallel.any_process([self._stop_requested])[0])
         except Interrupted as stop:
             # The run was saved just before the evaluation, which starts over on resume.
             raise Preempted(f"evaluation {stop}; checkpoint {self._save_index} resumes before it") from stop

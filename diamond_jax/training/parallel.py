@@ -1,10 +1,12 @@
-"""Data parallelism: a one-axis device mesh; batches are split along it, everything else is replicated."""
+"""Data parallelism: a one-axis device mesh over the devices of every process of the run; batches are split
+along it, everything else is replicated. With several processes (jax.distributed), each runs the whole run."""
 
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
@@ -83,6 +85,15 @@ def place(tree: Any, sharding: Any) -> Any:
     if jax.process_count() > 1:
         tree = jax.device_get(tree)
     return jax.device_put(tree, sharding)
+
+
+def any_process(flags: Sequence[bool]) -> Tuple[bool, ...]:
+    """Each flag, true when it is true in any process of the run. Decisions that lead to collectives (a save, a
+    stop) must be the same in every process, or one waits in a collective that the others never join."""
+    if jax.process_count() == 1:
+        return tuple(bool(f) for f in flags)
+    gathered = multihost_utils.process_allgather(np.array(flags, bool))  # [processes, flags]
+    return tuple(bool(f) for f in np.asarray(gathered).any(axis=0))
 
 
 def check_batch_size(batch_size: int, mesh: Mesh, field: str) -> None:
