@@ -36,16 +36,6 @@ _INSTALL = {"cuda": 'pip install -e ".[cuda12]" (CUDA 12; ".[cuda13]" for CUDA 1
             "cpu": "pip install -e ."}
 
 
-def _initialize_distributed() -> None:
-    """Multi-host clusters: jax.distributed reads the cluster from the environment (SLURM, or
-    JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID)."""
-    import jax
-
-    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "JAX_COORDINATOR_ADDRESS" in os.environ:
-        jax.distributed.initialize()
-        logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
-
-
 def _parse_flags(argv):
     """absl's parsing, with config errors (an unknown field, a bad preset) reported without a traceback."""
     from diamond_jax.config import ConfigError
@@ -137,7 +127,12 @@ def main(argv) -> None:
     from diamond_jax.training.loop import NonFiniteLoss, Preempted, Trainer
 
     parallel.use_cpu_devices(_CPU_DEVICES.value)
-    _initialize_distributed()
+    try:
+        if parallel.initialize_distributed():
+            logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
     _check_platform()
     config = _CONFIG.value
     try:

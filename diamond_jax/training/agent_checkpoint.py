@@ -152,8 +152,10 @@ def _remove(path: Path) -> None:
 
 def _write(directory: Path, info: Dict[str, Any], variables: AgentVariables) -> None:
     directory.mkdir()
-    # Host copies: the stored arrays then carry no device layout, and any sharding restores.
-    with ocp.StandardCheckpointer() as checkpointer:
+    # Host copies: the stored arrays then carry no device layout, and any sharding restores. This process alone
+    # writes: in a run of several processes only the first saves the agent, and orbax must not wait for the rest.
+    alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(), active_processes={jax.process_index()})
+    with ocp.StandardCheckpointer(multiprocessing_options=alone) as checkpointer:
         checkpointer.save(directory / VARIABLES_DIR, jax.device_get(variables))
         checkpointer.wait_until_finished()
     info = {**info, "files": _file_digests(directory)}

@@ -104,8 +104,8 @@ class Trainer:
         return {"models": models, "imagined": imagined}
 
     def _place(self, state: Dict[str, Any]) -> Dict[str, Any]:
-        return {"models": jax.device_put(state["models"], self.rep),
-                "imagined": jax.device_put(state["imagined"], self.data)}
+        return {"models": parallel.place(state["models"], self.rep),
+                "imagined": parallel.place(state["imagined"], self.data)}
 
     def _restore_or_start(self) -> None:
         abstract = jax.eval_shape(self._fresh_state)
@@ -171,11 +171,14 @@ class Trainer:
 
     def _maybe_stop_or_save(self) -> None:
         """Between two compiled calls: honours a stop request, or saves when `every_minutes` have passed."""
-        if self._stop_requested:
+        minutes = self.config.checkpoint.every_minutes
+        due = bool(minutes) and time.monotonic() - self._last_save > 60 * minutes
+        # With several processes, a signal or a clock seen by one stops or saves them all (a save is collective).
+        stop, due = parallel.any_process([self._stop_requested, due])
+        if stop:
             self.save()
             raise Preempted(f"saved checkpoint {self._save_index} in {self.checkpointer.directory}")
-        minutes = self.config.checkpoint.every_minutes
-        if minutes and time.monotonic() - self._last_save > 60 * minutes:
+        if due:
             self.save()
 
     # ---- The schedule.
@@ -346,14 +349,16 @@ class Trainer:
         try:
             return collect_test_episodes(self.config, self.agent.actor_critic,
                                          self.state["models"]["actor_critic"].variables(), num_episodes, key,
-                                         self._env_seed(p.num_evaluations), should_stop=lambda: self._stop_requested)
+                                         self._env_seed(p.num_evaluations),
+                                         should_stop=lambda: parallel.any_process([self._stop_requested])[0])
         except Interrupted as stop:
             # The run was saved just before the evaluation, which starts over on resume.
             raise Preempted(f"evaluation {stop}; checkpoint {self._save_index} resumes before it") from stop
 
     def _save_agent(self) -> None:
-        variables = {name: self.state["models"][name].variables() for name in MODEL_NAMES}
-        save_agent(os.path.join(self.workdir, "agent"), self.config, variables, step=self.progress.epoch)
+        if self.is_writer:  # every process holds the same replicated variables
+            variables = {name: self.state["models"][name].variables() for name in MODEL_NAMES}
+            save_agent(os.path.join(self.workdir, "agent"), self.config, variables, step=self.progress.epoch)
 
     def _evaluate(self) -> None:
         self._save_agent()
