@@ -129,7 +129,12 @@ def plot(curves: list, path: Path) -> None:
         seeds = int(c.num_seeds.max())
         ax.fill_between(c.env_steps, c.low, c.high, alpha=0.25, color="C0", linewidth=0,
                         label="95% bootstrap band" if seeds > 1 else None)
-        ax.plot(c.env_steps, c.mean, "-o", color="C0", markersize=3, label=f"mean over {seeds} seed(s)")
+        # Runs still going, or stopped early, reach fewer steps: their later points average fewer seeds.
+        full = c.num_seeds == seeds
+        label = f"mean over {seeds} seed(s)" if full.all() else f"mean over {seeds} seeds (hollow: over fewer)"
+        ax.plot(c.env_steps, c.mean, "-", color="C0", label=label)
+        ax.plot(c.env_steps[full], c.mean[full], "o", color="C0", markersize=3)
+        ax.plot(c.env_steps[~full], c.mean[~full], "o", color="C0", markerfacecolor="white", markersize=4)
         if np.isfinite(c.random):
             ax.axhline(c.random, color="gray", linestyle="--", label=f"random policy ({c.random:.2f})")
         ax.set_title(f"{c.game} ({c.suite})")
