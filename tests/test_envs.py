@@ -1,6 +1,10 @@
 """The environment interface and its gymnax backend (Catch, MinAtar): rendering against hand-built frames,
 Catch's rules against a plain Python model of the game, seeds, truncation, sticky actions, bad input."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -156,3 +160,23 @@ def test_random_baseline_matches_the_exact_random_return():
     assert set(np.unique(returns)) <= {-1.0, 1.0}
     expected = catch_random_return()
     assert abs(returns.mean() - expected) < 4 * returns.std() / np.sqrt(len(returns)), (returns.mean(), expected)
+
+
+def test_grids_known_without_an_environment_are_gymnax_s():
+    import gymnax
+
+    assert set(gymnax_env.GRIDS) == set(gymnax_env.GAMES)
+    for game, env_id in gymnax_env.GAMES.items():
+        env, params = gymnax.make(env_id)
+        assert gymnax_env.GRIDS[game] == tuple(env.observation_space(params).shape[:2]), game
+
+
+def test_reading_a_gymnax_config_leaves_jax_unstarted():
+    """--cpu_devices and jax.distributed set JAX up after the config is read: reading it must not start JAX."""
+    code = ("from configs import minatar; minatar.get_config('game=Catch'); import jax; "
+            "jax.config.update('jax_num_cpu_devices', 3); print(len(jax.devices('cpu')))")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "3"

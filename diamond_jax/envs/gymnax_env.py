@@ -14,6 +14,7 @@ These games have no lives: `EnvStep.lives` is 0 and no life loss ends an episode
 """
 
 import functools
+import importlib.util
 from typing import Any, Dict, Tuple
 
 import jax
@@ -52,10 +53,19 @@ PALETTE = np.array([
 ], dtype=np.uint8)
 
 
+# Each game's grid (rows, columns), as gymnax draws it; known here without making an environment, which would
+# start JAX's backend while the config is read, before --cpu_devices or jax.distributed can set it up.
+GRIDS: Dict[str, Tuple[int, int]] = {"Catch": (10, 5), "Asterix": (10, 10), "Breakout": (10, 10),
+                                     "Freeway": (10, 10), "Seaquest": (10, 10), "SpaceInvaders": (10, 10)}
+
+
 def check_game(game: Any) -> None:
     if game not in GAMES:
         raise ConfigError(f"Unknown game {game!r} for the gymnax backend. Its games are: {', '.join(GAMES)} "
                          "(case-sensitive), e.g. --config=configs/minatar.py:game=Catch.")
+    if importlib.util.find_spec("gymnax") is None:  # looked up, not imported: importing it would start JAX
+        raise ConfigError(f"config.env.backend='gymnax' needs gymnax, which is not installed. Fix: "
+                          "pip install -e '.[gymnax]'")
 
 
 @functools.lru_cache(maxsize=None)
@@ -68,12 +78,6 @@ def _gymnax_env(game: str):
                           "pip install -e '.[gymnax]'") from error
     env, params = gymnax.make(GAMES[game])
     return env, params
-
-
-def _grid_shape(game: str) -> Tuple[int, int]:
-    env, params = _gymnax_env(game)
-    shape = env.observation_space(params).shape
-    return int(shape[0]), int(shape[1])
 
 
 def action_names(game: str) -> Tuple[str, ...]:
@@ -89,7 +93,7 @@ def num_actions(game: str) -> int:
 
 def check_size(game: str, size: int) -> None:
     """Frames are upscaled by whole pixels per grid cell: size must be a multiple of the grid's sides."""
-    rows, cols = _grid_shape(game)
+    rows, cols = GRIDS[game]
     if size % rows or size % cols:
         raise ConfigError(f"config.env.size={size}: {game}'s grid is {rows} x {cols} cells, drawn with whole "
                          f"pixels per cell, so the size must be a multiple of {int(np.lcm(rows, cols))}. Fix: "
