@@ -38,7 +38,6 @@ from diamond_jax.training.agent_checkpoint import read_agent_info
 from diamond_jax.video import grid, upscale
 
 GROUPS = ("reward +1", "reward -1", "reward 0", "end")  # a transition with a reward and an end is in both
-REW_CLASS = {"reward +1": 2, "reward -1": 0, "reward 0": 1}  # the reward/end model's classes: sign + 1
 
 
 class Transitions(NamedTuple):
@@ -78,7 +77,7 @@ def transitions(replay: ReplayDataset, n: int) -> Transitions:
 
 
 def group_masks(t: Transitions) -> Dict[str, np.ndarray]:
-    return {"reward +1": t.rew > 0, "reward -1": t.rew < 0, "reward 0": t.rew == 0, "end": t.end}
+    return dict(zip(GROUPS, (t.rew > 0, t.rew < 0, t.rew == 0, t.end)))
 
 
 def choose(t: Transitions, per_group: int, rng: np.random.Generator) -> np.ndarray:

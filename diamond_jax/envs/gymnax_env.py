@@ -64,7 +64,7 @@ def check_game(game: Any) -> None:
         raise ConfigError(f"Unknown game {game!r} for the gymnax backend. Its games are: {', '.join(GAMES)} "
                          "(case-sensitive), e.g. --config=configs/minatar.py:game=Catch.")
     if importlib.util.find_spec("gymnax") is None:  # looked up, not imported: importing it would start JAX
-        raise ConfigError(f"config.env.backend='gymnax' needs gymnax, which is not installed. Fix: "
+        raise ConfigError("config.env.backend='gymnax' needs gymnax, which is not installed. Fix: "
                           "pip install -e '.[gymnax]'")
 
 
