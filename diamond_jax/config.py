@@ -55,7 +55,7 @@ def parse_presets(arg: str, games: Sequence[str], config_file: str = "configs/at
     return Presets(game=game, debug=debug)
 
 
-def _fail(field: str, value: Any, problem: str, fix: str) -> None:
+def fail(field: str, value: Any, problem: str, fix: str) -> None:
     raise ConfigError(f"config.{field}={value!r}: {problem}. Fix: {fix}.")
 
 
@@ -74,33 +74,33 @@ def validate(c: config_dict.ConfigDict) -> None:
         for f in fields:
             v = _get(c, f)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                _fail(f, v, "must be a positive integer", f"set --config.{f} to an integer >= 1")
+                fail(f, v, "must be a positive integer", f"set --config.{f} to an integer >= 1")
 
     def non_negative(*fields: str) -> None:
         for f in fields:
             v = _get(c, f)
             if not isinstance(v, (int, float)) or not v >= 0:
-                _fail(f, v, "must be a number >= 0", f"set --config.{f} to a value >= 0")
+                fail(f, v, "must be a number >= 0", f"set --config.{f} to a value >= 0")
 
     def strictly_positive(*fields: str) -> None:
         for f in fields:
             v = _get(c, f)
             if not isinstance(v, (int, float)) or not (v > 0 and math.isfinite(v)):
-                _fail(f, v, "must be a finite number > 0", f"set --config.{f} to a value > 0")
+                fail(f, v, "must be a finite number > 0", f"set --config.{f} to a value > 0")
 
     def probability(*fields: str) -> None:
         for f in fields:
             v = _get(c, f)
             if not isinstance(v, (int, float)) or not 0 <= v <= 1:
-                _fail(f, v, "must lie in [0, 1]", f"set --config.{f} to a value between 0 and 1")
+                fail(f, v, "must lie in [0, 1]", f"set --config.{f} to a value between 0 and 1")
 
     if not isinstance(c.seed, int) or c.seed < 0:
-        _fail("seed", c.seed, "must be an integer >= 0", "pass e.g. --config.seed=3")
+        fail("seed", c.seed, "must be an integer >= 0", "pass e.g. --config.seed=3")
     if not isinstance(c.num_devices, int) or c.num_devices < 0:
-        _fail("num_devices", c.num_devices, "must be an integer >= 0", "use 0 for all local devices")
+        fail("num_devices", c.num_devices, "must be an integer >= 0", "use 0 for all local devices")
     precision = c.get("precision", DEFAULT_PRECISION)  # absent from configs saved before it existed
     if precision not in PRECISIONS:
-        _fail("precision", precision, f"must be one of {', '.join(PRECISIONS)}",
+        fail("precision", precision, f"must be one of {', '.join(PRECISIONS)}",
               "use float32 (the paper's) or bfloat16 (matrix products and convolutions in bfloat16)")
 
     # Environment (the Atari fields only for envpool; the game itself is checked by envs.check_env_config).
@@ -109,10 +109,10 @@ def validate(c: config_dict.ConfigDict) -> None:
     if c.env.get("backend", "envpool") == "envpool":
         positive_int("env.frame_skip")
         if c.env.life_loss_rule not in ("official", "every_decrease"):
-            _fail("env.life_loss_rule", c.env.life_loss_rule, "must be official or every_decrease",
+            fail("env.life_loss_rule", c.env.life_loss_rule, "must be official or every_decrease",
                   "use official (the official wrapper's rule)")
         if not isinstance(c.env.noop_max, int) or c.env.noop_max < 1:
-            _fail("env.noop_max", c.env.noop_max, "must be an integer >= 1 (envpool always plays 1 to noop_max "
+            fail("env.noop_max", c.env.noop_max, "must be an integer >= 1 (envpool always plays 1 to noop_max "
                   "no-ops at reset and crashes with 0)", "use 30 (the paper) or 1 for a single no-op")
 
     # Collection and schedule.
@@ -124,23 +124,23 @@ def validate(c: config_dict.ConfigDict) -> None:
                  "checkpoint.every_epochs", "checkpoint.keep")
     positive_int("training.steps_per_call", "world_model_env.initial_conditions_per_row")
     if c.training.phase_loop not in PHASE_LOOPS:
-        _fail("training.phase_loop", c.training.phase_loop, f"must be one of {', '.join(PHASE_LOOPS)}",
+        fail("training.phase_loop", c.training.phase_loop, f"must be one of {', '.join(PHASE_LOOPS)}",
               "use auto (scan on GPU/TPU, one update per call on CPU)")
     non_negative("collection.train.first_epoch.threshold_rew", "training.num_final_epochs",
                  "checkpoint.every_minutes")
     probability("collection.train.epsilon", "collection.test.epsilon")
     non_negative("collection.test.temperature")
     if not t.first_epoch.min <= t.first_epoch.max <= t.num_steps_total:
-        _fail("collection.train.first_epoch", (t.first_epoch.min, t.first_epoch.max),
+        fail("collection.train.first_epoch", (t.first_epoch.min, t.first_epoch.max),
               f"needs min <= max <= num_steps_total ({t.num_steps_total})",
               "lower first_epoch.min/max or raise collection.train.num_steps_total")
     for f in ("num_steps_total", "first_epoch.min", "first_epoch.max"):
         if _get(t, f) % t.steps_per_epoch:
-            _fail(f"collection.train.{f}", _get(t, f),
+            fail(f"collection.train.{f}", _get(t, f),
                   f"must be a multiple of collection.train.steps_per_epoch ({t.steps_per_epoch}) so that "
                   "collection ends exactly at the budget", "round it to a multiple")
     if t.steps_per_epoch % t.num_envs:
-        _fail("collection.train.steps_per_epoch", t.steps_per_epoch,
+        fail("collection.train.steps_per_epoch", t.steps_per_epoch,
               f"must be a multiple of collection.train.num_envs ({t.num_envs}): each env step adds one "
               "agent step per env", "change either value")
 
@@ -150,13 +150,13 @@ def validate(c: config_dict.ConfigDict) -> None:
     non_negative("denoiser.sigma_offset_noise")
     sd = c.denoiser.sigma_distribution
     if not sd.sigma_min < sd.sigma_max:
-        _fail("denoiser.sigma_distribution.sigma_min", sd.sigma_min,
+        fail("denoiser.sigma_distribution.sigma_min", sd.sigma_min,
               f"must be < sigma_max ({sd.sigma_max})", "swap or change the two values")
     im = c.denoiser.inner_model
     positive_int("denoiser.inner_model.num_steps_conditioning", "denoiser.inner_model.cond_channels",
                  "denoiser.training.num_autoregressive_steps")
     if im.cond_channels % 2 or im.cond_channels % im.num_steps_conditioning:
-        _fail("denoiser.inner_model.cond_channels", im.cond_channels,
+        fail("denoiser.inner_model.cond_channels", im.cond_channels,
               f"must be even (Fourier features) and divisible by num_steps_conditioning "
               f"({im.num_steps_conditioning}, one action embedding each)", "use e.g. 256")
     _check_levels(c, "denoiser.inner_model", im.depths, im.channels, im.attn_depths)
@@ -164,19 +164,19 @@ def validate(c: config_dict.ConfigDict) -> None:
                   c.rew_end_model.attn_depths)
     positive_int("rew_end_model.lstm_dim", "rew_end_model.cond_channels", "rew_end_model.training.seq_length")
     if c.rew_end_model.training.seq_length < 2:
-        _fail("rew_end_model.training.seq_length", c.rew_end_model.training.seq_length,
+        fail("rew_end_model.training.seq_length", c.rew_end_model.training.seq_length,
               "needs at least 2 frames (one transition)", "use horizon + num_steps_conditioning")
 
     # Actor-critic.
     ac = c.actor_critic
     positive_int("actor_critic.lstm_dim")
     if len(ac.channels) != len(ac.down) or not ac.channels:
-        _fail("actor_critic.channels", ac.channels, f"needs one entry per entry of actor_critic.down ({ac.down})",
+        fail("actor_critic.channels", ac.channels, f"needs one entry per entry of actor_critic.down ({ac.down})",
               "give both the same length")
     for i, ch in enumerate(ac.channels):
-        _check_channels(f"actor_critic.channels[{i}]", ch)
+        check_channels(f"actor_critic.channels[{i}]", ch)
     if c.env.size % 2 ** sum(map(bool, ac.down)):
-        _fail("env.size", c.env.size, f"must be divisible by 2^{sum(map(bool, ac.down))} (the actor-critic's "
+        fail("env.size", c.env.size, f"must be divisible by 2^{sum(map(bool, ac.down))} (the actor-critic's "
               "max-pools)", "use 64 or change actor_critic.down")
     for f in ("gamma", "lambda_"):
         probability(f"actor_critic.loss.{f}")
@@ -191,7 +191,7 @@ def validate(c: config_dict.ConfigDict) -> None:
         w = c[name].training.sample_weights
         if (not w or any(not isinstance(x, (int, float)) or not 0 <= x <= 1 for x in w)
                 or abs(sum(w) - 1) > 1e-6):
-            _fail(f"{name}.training.sample_weights", w, "must be weights in [0, 1] summing to 1",
+            fail(f"{name}.training.sample_weights", w, "must be weights in [0, 1] summing to 1",
                   "e.g. (0.1, 0.1, 0.1, 0.7)")
 
     # World model as an environment and its sampler.
@@ -200,41 +200,41 @@ def validate(c: config_dict.ConfigDict) -> None:
     strictly_positive("world_model_env.sampler.sigma_min", "world_model_env.sampler.sigma_max",
                       "world_model_env.sampler.rho")
     if not s.sigma_min < s.sigma_max:
-        _fail("world_model_env.sampler.sigma_min", s.sigma_min, f"must be < sigma_max ({s.sigma_max})",
+        fail("world_model_env.sampler.sigma_min", s.sigma_min, f"must be < sigma_max ({s.sigma_max})",
               "swap or change the two values")
     if s.order not in (1, 2):
-        _fail("world_model_env.sampler.order", s.order, "must be 1 (Euler) or 2 (Heun)", "set 1 or 2")
+        fail("world_model_env.sampler.order", s.order, "must be 1 (Euler) or 2 (Heun)", "set 1 or 2")
     non_negative("world_model_env.sampler.s_churn", "world_model_env.sampler.s_noise",
                  "world_model_env.sampler.s_tmin")
     if not s.s_tmin <= s.s_tmax:
-        _fail("world_model_env.sampler.s_tmin", s.s_tmin, f"must be <= s_tmax ({s.s_tmax})",
+        fail("world_model_env.sampler.s_tmin", s.s_tmin, f"must be <= s_tmax ({s.s_tmax})",
               "lower s_tmin or raise s_tmax (inf = no upper bound)")
 
 
-def _check_channels(field: str, ch: Any) -> None:
+def check_channels(field: str, ch: Any) -> None:
     if not isinstance(ch, int) or ch < 1:
-        _fail(field, ch, "must be a positive integer", "use e.g. 32 or 64")
+        fail(field, ch, "must be a positive integer", "use e.g. 32 or 64")
     groups = num_groups(ch)
     if ch % groups:
-        _fail(field, ch, f"must be divisible by its {groups} GroupNorm groups (groups of {GN_GROUP_SIZE} channels)",
+        fail(field, ch, f"must be divisible by its {groups} GroupNorm groups (groups of {GN_GROUP_SIZE} channels)",
               f"use a multiple of {GN_GROUP_SIZE}, or fewer than {2 * GN_GROUP_SIZE} channels")
 
 
 def _check_levels(c: config_dict.ConfigDict, prefix: str, depths, channels, attn_depths) -> None:
     if not (len(depths) == len(channels) == len(attn_depths)) or not depths:
-        _fail(f"{prefix}.depths", depths, f"depths, channels {tuple(channels)} and attn_depths "
+        fail(f"{prefix}.depths", depths, f"depths, channels {tuple(channels)} and attn_depths "
               f"{tuple(attn_depths)} need one entry per level, same length", "give the three the same length")
     for i, d in enumerate(depths):
         if not isinstance(d, int) or d < 1:
-            _fail(f"{prefix}.depths[{i}]", d, "must be a positive integer", "use e.g. 2")
+            fail(f"{prefix}.depths[{i}]", d, "must be a positive integer", "use e.g. 2")
     for i, ch in enumerate(channels):
-        _check_channels(f"{prefix}.channels[{i}]", ch)
+        check_channels(f"{prefix}.channels[{i}]", ch)
         heads = num_heads(ch)
         has_attention = attn_depths[i] or i == len(channels) - 1  # the middle blocks always attend
         if has_attention and ch % heads:
-            _fail(f"{prefix}.channels[{i}]", ch, f"must be divisible by its {heads} attention heads of "
+            fail(f"{prefix}.channels[{i}]", ch, f"must be divisible by its {heads} attention heads of "
                   f"{ATTN_HEAD_DIM} channels", f"use a multiple of {ATTN_HEAD_DIM}")
     factor = 2 ** (len(channels) - 1)
     if c.env.size % factor:
-        _fail("env.size", c.env.size, f"must be divisible by 2^{len(channels) - 1} = {factor} ({prefix} has "
+        fail("env.size", c.env.size, f"must be divisible by 2^{len(channels) - 1} = {factor} ({prefix} has "
               f"{len(channels)} levels)", "use 64 or fewer levels")

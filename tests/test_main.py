@@ -70,11 +70,11 @@ def test_a_platform_jax_was_not_installed_for_says_what_to_install(tmp_path):
 
 
 def test_log_lines_go_above_an_open_progress_bar(capsys):
-    from diamond_jax import main
+    from diamond_jax import cli
 
     bar = tqdm(total=8, desc="Epoch 1/2 denoiser", file=sys.stderr, dynamic_ncols=False, ncols=80)
     bar.update(4)
-    main._AboveBars().write("W1201 loop.py:1] Stop requested\n")
+    cli.AboveBars().write("W1201 loop.py:1] Stop requested\n")
     bar.close()
     err = capsys.readouterr().err
     before = err[:err.index("W1201")]

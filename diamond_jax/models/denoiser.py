@@ -1,11 +1,17 @@
 """The EDM denoiser D(x, sigma | past frames, past actions) of DIAMOND.
 
 D = c_skip * x + c_out * F(c_in * x, c_noise, obs / sigma_data, act), F the U-Net below. Frames are NHWC
-in [-1, 1]; a batch of past frames is [b, t, h, w, c] and enters F stacked on the channel axis.
+in [-1, 1], of any height and width; a batch of past frames is [b, t, h, w, c] and enters F stacked on the
+channel axis.
+
+Actions (`action_kind`): "discrete" indices [b, t] through an embedding table, as the paper; "multi_hot"
+(several keys held at once) and "continuous" vectors [b, t, size] through a learned linear map without bias,
+which for a one-hot vector is the same table lookup (the official CS:GO model embeds its multi-hot keys so).
+"none" (num_actions 0): no action input, as the upsampler (models/upsampler.py).
 """
 
 import dataclasses
-from typing import Any, Dict, NamedTuple, Sequence, Tuple
+from typing import Any, Dict, NamedTuple, Sequence, Tuple, Union
 
 import chex
 import jax
@@ -18,36 +24,61 @@ from diamond_jax.models.precision import compute_dtype
 
 IMG_CHANNELS = 3
 Variables = Dict[str, Any]  # {"params": ..., "buffers": ...}
+ACTION_KINDS = ("discrete", "multi_hot", "continuous", "none")
+
+
+def pad_to_multiple(x: jax.Array, multiple: int) -> jax.Array:
+    """Pads frames [b, h, w, c] at the bottom and right, repeating the edge, to a height and width that the
+    U-Net's `multiple` (2^downsamplings) divides; a no-op for sizes it divides (every RL config's)."""
+    ph, pw = -x.shape[1] % multiple, -x.shape[2] % multiple
+    if not (ph or pw):
+        return x
+    return jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)), mode="edge")
 
 
 class InnerModel(nn.Module):
     """F: a U-Net conditioned on the noise level and the past actions through every AdaGroupNorm. Computes in
     `dtype` (models/precision.py) and returns float32."""
 
-    num_actions: int
+    num_actions: int  # discrete: the number of actions; multi_hot, continuous: the vector's size; none: 0
     num_steps_conditioning: int
     cond_channels: int
     depths: Sequence[int]
     channels: Sequence[int]
     attn_depths: Sequence[int]
     dtype: Dtype = jnp.float32
+    action_kind: str = "discrete"
+
+    def action_embedding(self, act: jax.Array) -> jax.Array:
+        """[b, cond_channels]: one embedding of cond_channels / n per past action, concatenated (0 without
+        actions)."""
+        b, n, width = act.shape[0], self.num_steps_conditioning, self.cond_channels // self.num_steps_conditioning
+        if self.action_kind == "none":
+            return jnp.zeros((b, self.cond_channels), jnp.float32)
+        if self.action_kind == "discrete":
+            chex.assert_shape(act, (b, n))
+            return nn.Embed(self.num_actions, width, embedding_init=nn.initializers.normal(1.0),
+                            name="act_emb_0")(act).reshape(b, -1)
+        chex.assert_shape(act, (b, n, self.num_actions))
+        # float32 whatever the compute dtype: it is added to the noise level's float32 Fourier features.
+        return Dense(width, use_bias=False, name="act_proj")(act.astype(jnp.float32)).reshape(b, -1)
 
     @nn.compact
     def __call__(self, noisy_next_obs: jax.Array, c_noise: jax.Array, obs: jax.Array, act: jax.Array) -> jax.Array:
-        b = noisy_next_obs.shape[0]
+        b, h, w, _ = noisy_next_obs.shape
         chex.assert_shape(noisy_next_obs, (b, None, None, IMG_CHANNELS))
-        chex.assert_shape(obs, (b, None, None, self.num_steps_conditioning * IMG_CHANNELS))
-        chex.assert_shape(act, (b, self.num_steps_conditioning))
-        act_emb = nn.Embed(self.num_actions, self.cond_channels // self.num_steps_conditioning,
-                           embedding_init=nn.initializers.normal(1.0), name="act_emb_0")(act).reshape(b, -1)
+        chex.assert_shape(obs, (b, h, w, self.num_steps_conditioning * IMG_CHANNELS))
+        act_emb = self.action_embedding(act)
         noise_emb = FourierFeatures(self.cond_channels, name="noise_emb")(jnp.broadcast_to(c_noise, (b,)))
         dt = self.dtype
         cond = Dense(self.cond_channels, dtype=dt, name="cond_proj_0")(noise_emb + act_emb)
         cond = Dense(self.cond_channels, dtype=dt, name="cond_proj_2")(nn.silu(cond))
-        x = Conv(self.channels[0], dtype=dt, name="conv_in")(jnp.concatenate([obs, noisy_next_obs], axis=-1))
+        x = pad_to_multiple(jnp.concatenate([obs, noisy_next_obs], axis=-1), 2 ** (len(self.channels) - 1))
+        x = Conv(self.channels[0], dtype=dt, name="conv_in")(x)
         x = UNet(self.depths, self.channels, self.attn_depths, dt, name="unet")(x, cond)
-        return Conv(IMG_CHANNELS, kernel_init=nn.initializers.zeros, dtype=dt, name="conv_out")(
+        x = Conv(IMG_CHANNELS, kernel_init=nn.initializers.zeros, dtype=dt, name="conv_out")(
             nn.silu(GroupNorm(dt, name="norm_out")(x))).astype(jnp.float32)
+        return x[:, :h, :w]
 
 
 class Conditioners(NamedTuple):
@@ -105,29 +136,49 @@ class Denoiser:
     sigma_train_min: float = 2e-3
     sigma_train_max: float = 20.0
     compute_dtype: Dtype = jnp.float32  # of the U-Net (models/precision.py); the rest is float32
+    action_kind: str = "discrete"  # one of ACTION_KINDS
+
+    def __post_init__(self):
+        if self.action_kind not in ACTION_KINDS:
+            raise ValueError(f"action_kind={self.action_kind!r}: use one of {', '.join(ACTION_KINDS)}")
+        if (self.action_kind == "none") != (self.num_actions == 0):
+            raise ValueError(f"num_actions={self.num_actions} with action_kind={self.action_kind!r}: 0 goes with "
+                             "'none' and only with it")
 
     @classmethod
-    def from_config(cls, config, num_actions: int) -> "Denoiser":
-        d, im, sd = config.denoiser, config.denoiser.inner_model, config.denoiser.sigma_distribution
+    def from_config(cls, config, num_actions: int, action_kind: str = "discrete",
+                    section: str = "denoiser") -> "Denoiser":
+        """The denoiser of config.<section> (RL configs: denoiser; world-model configs also: upsampler)."""
+        d = config[section]
+        im, sd = d.inner_model, d.sigma_distribution
         return cls(
             num_actions=num_actions, num_steps_conditioning=im.num_steps_conditioning,
             cond_channels=im.cond_channels, depths=tuple(im.depths), channels=tuple(im.channels),
             attn_depths=tuple(im.attn_depths), sigma_data=d.sigma_data, sigma_offset_noise=d.sigma_offset_noise,
             sigma_loc=sd.loc, sigma_scale=sd.scale, sigma_train_min=sd.sigma_min, sigma_train_max=sd.sigma_max,
-            compute_dtype=compute_dtype(config),
+            compute_dtype=compute_dtype(config), action_kind=action_kind,
         )
 
     @property
     def inner_model(self) -> InnerModel:
         return InnerModel(self.num_actions, self.num_steps_conditioning, self.cond_channels, self.depths,
-                          self.channels, self.attn_depths, self.compute_dtype)
+                          self.channels, self.attn_depths, self.compute_dtype, self.action_kind)
 
-    def init(self, key: jax.Array, size: int) -> Variables:
+    def dummy_actions(self, b: int) -> jax.Array:
+        """Actions of the right shape and dtype for b rows of conditioning (zeros)."""
         n = self.num_steps_conditioning
+        if self.action_kind in ("multi_hot", "continuous"):
+            return jnp.zeros((b, n, self.num_actions), jnp.float32)
+        return jnp.zeros((b, n), jnp.int32)
+
+    def init(self, key: jax.Array, size: Union[int, Tuple[int, int]]) -> Variables:
+        """Variables for frames of `size` (square) or (height, width)."""
+        n = self.num_steps_conditioning
+        h, w = (size, size) if isinstance(size, int) else size
         # Jitted: eager initialisation dispatches thousands of small ops and is several times slower.
         return jax.jit(lambda key: dict(self.inner_model.init(
-            init_key(key), jnp.zeros((1, size, size, IMG_CHANNELS)), jnp.zeros((1,)),
-            jnp.zeros((1, size, size, n * IMG_CHANNELS)), jnp.zeros((1, n), jnp.int32))))(key)
+            init_key(key), jnp.zeros((1, h, w, IMG_CHANNELS)), jnp.zeros((1,)),
+            jnp.zeros((1, h, w, n * IMG_CHANNELS)), self.dummy_actions(1))))(key)
 
     def conditioners(self, sigma: jax.Array) -> Conditioners:
         cs = compute_conditioners(sigma, self.sigma_data, self.sigma_offset_noise)
@@ -169,7 +220,7 @@ class Denoiser:
         (clipped, quantised, gradient-free) denoised output for the frame before, as in the official trainer.
         """
         n = self.num_steps_conditioning
-        b, t = batch.act.shape
+        b, t = batch.act.shape[:2]
         chex.assert_shape(batch.obs, (b, t, None, None, IMG_CHANNELS))
         chex.assert_shape(batch.mask_padding, (b, t))
         seq_length = t - n

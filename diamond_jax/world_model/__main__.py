@@ -1,0 +1,89 @@
+"""Trains a diffusion world model on a dataset of recorded play (python -m diamond_jax.dataset makes one).
+
+    python -m diamond_jax.world_model --config=configs/world_model.py --dataset=data/pong --workdir=runs/wm-pong
+
+Starting in a --workdir that holds a run resumes it. Exit status: 0 when training is complete (results.json
+written), 75 when it saved a checkpoint and stopped on SIGTERM or Ctrl-C (run the same command again to
+resume), 130 when a second Ctrl-C quit without saving, 2 for bad input (config, dataset, workdir), 1 for a
+failure during training (a non-finite loss, a full disk).
+"""
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from diamond_jax import cli
+from diamond_jax.config import CPU_DEVICES_HELP
+from diamond_jax.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PREEMPTED
+
+CONFIG_FILE = "configs/world_model.py"
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, f"Config file, with presets after ':' (upsampler, debug), e.g. {CONFIG_FILE}:upsampler. "
+    "Override any field with --config.<field>=<value>.", lock_config=True)
+_DATASET = flags.DEFINE_string("dataset", None, "A dataset of recorded play (python -m diamond_jax.dataset).")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Run directory: config snapshot, checkpoints, TensorBoard logs and results.json. A directory "
+    "that holds a run is resumed.")
+_PLATFORM = flags.DEFINE_enum(
+    "platform", None, ["cpu", "cuda", "rocm", "tpu"], "Platform for JAX (default: the best one available).")
+_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", None, CPU_DEVICES_HELP, lower_bound=1)
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        print(f"error: unexpected argument(s) {' '.join(argv[1:])}. Flags take the form --name=value; pass --help "
+              "to see them.", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    cli.setup_logging()
+    if _PLATFORM.value:
+        os.environ["JAX_PLATFORMS"] = _PLATFORM.value
+    import jax  # after the platform choice above
+
+    from diamond_jax.config import ConfigError
+    from diamond_jax.data.recorded import DatasetError
+    from diamond_jax.training import parallel
+    from diamond_jax.training.checkpoint import disk_full
+    from diamond_jax.training.loop import NonFiniteLoss, Preempted
+    from diamond_jax.world_model import config as wm_config
+    from diamond_jax.world_model.train import WorldModelTrainer
+
+    parallel.use_cpu_devices(_CPU_DEVICES.value)
+    cli.check_platform()
+    config = _CONFIG.value
+    try:
+        wm_config.validate(config)
+        trainer = WorldModelTrainer(config, _DATASET.value, _WORKDIR.value)
+    except (ConfigError, DatasetError, ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    logging.info("Training on %s (%d train / %d test episodes, frames %s, %s actions) with %d %s device(s)",
+                 trainer.dataset.path, len(trainer.dataset.episode_ids("train")),
+                 len(trainer.dataset.episode_ids("test")), trainer.dataset.frame_shape, trainer.dataset.action.kind,
+                 trainer.mesh.size, jax.devices()[0].platform)
+    try:
+        results = trainer.run()
+    except Preempted as stop:
+        logging.warning("Pre-empted: %s. Run the same command to resume.", stop)
+        sys.exit(EXIT_PREEMPTED)
+    except NonFiniteLoss as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(EXIT_FAILED)
+    except KeyboardInterrupt:
+        print("Quit without saving: run the same command to resume from the last checkpoint.", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as error:
+        full = disk_full(error)
+        if full is None:
+            raise
+        cli.report_disk_full(full, os.path.abspath(_WORKDIR.value))
+        sys.stderr.flush()
+        os._exit(1)
+    logging.info("Done: %d updates, test losses %s (%s)", results["steps"], results["test_loss"],
+                 os.path.join(_WORKDIR.value, "results.json"))
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config", "dataset", "workdir"])
+    app.run(main, flags_parser=lambda argv: cli.parse_flags(argv, CONFIG_FILE))

@@ -1,0 +1,102 @@
+"""A world model of recorded play as pure functions: the denoiser drawing low-resolution frames from past frames
+and actions, optionally chained with the upsampler drawing the full-resolution frame.
+
+Frames enter as uint8 [..., H, W, 3] at the dataset's size and are resized to each model's resolution; the
+models see them in [-1, 1]. Actions follow the dataset's: int32 [b, t] (discrete) or float32 [b, t, size].
+`act[t]` is the action taken on frame t, so the frame after frames 0..n-1 is drawn from act[0:n].
+"""
+
+import dataclasses
+from typing import Any, Dict, NamedTuple, Optional, Tuple
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from diamond_jax.data.batch import obs_from_frames
+from diamond_jax.models.denoiser import Denoiser
+from diamond_jax.models.sampler import SamplerConfig, sample_next_obs
+from diamond_jax.models.upsampler import Size, Upsampler, resize_frames
+from diamond_jax.world_model.config import full_resolution
+
+Variables = Dict[str, Any]  # {"denoiser": ..., "upsampler": ...}, each {"params", "buffers"}
+
+
+class Frames(NamedTuple):
+    low: jax.Array  # [b, ..., h, w, 3] at the denoiser's resolution, in [-1, 1]
+    full: Optional[jax.Array]  # [b, ..., H, W, 3] at the upsampler's, or None without an upsampler
+
+
+def sampler_config(section) -> SamplerConfig:
+    return SamplerConfig(**section.to_dict())
+
+
+@dataclasses.dataclass(frozen=True)
+class WorldModel:
+    denoiser: Denoiser
+    sampler: SamplerConfig
+    resolution: Size
+    upsampler: Optional[Upsampler] = None
+    upsampler_sampler: Optional[SamplerConfig] = None
+
+    @classmethod
+    def from_config(cls, config, action_size: int, frame_shape: Tuple[int, int]) -> "WorldModel":
+        """action_size: the number of discrete actions, or the length of an action vector."""
+        denoiser = Denoiser.from_config(config, action_size, config.action_kind)
+        upsampler = None
+        if config.upsampler.enabled:
+            upsampler = Upsampler.from_config(config, full_resolution(config, frame_shape))
+        return cls(denoiser, sampler_config(config.sampler), tuple(config.resolution), upsampler,
+                   sampler_config(config.upsampler.sampler) if upsampler else None)
+
+    @property
+    def num_steps_conditioning(self) -> int:
+        return self.denoiser.num_steps_conditioning
+
+    def init(self, key: jax.Array) -> Variables:
+        key_denoiser, key_upsampler = jax.random.split(key)
+        variables = {"denoiser": self.denoiser.init(key_denoiser, self.resolution)}
+        if self.upsampler is not None:
+            variables["upsampler"] = self.upsampler.init(key_upsampler)
+        return variables
+
+    def low_res(self, frames: jax.Array) -> jax.Array:
+        """uint8 frames at any size -> the denoiser's frames in [-1, 1]."""
+        return resize_frames(obs_from_frames(frames), self.resolution)
+
+    def full_res(self, frames: jax.Array) -> jax.Array:
+        return resize_frames(obs_from_frames(frames), self.upsampler.size)
+
+    def frames(self, frames: jax.Array) -> Frames:
+        """Recorded uint8 frames as the models see them."""
+        return Frames(self.low_res(frames), None if self.upsampler is None else self.full_res(frames))
+
+    def step(self, variables: Variables, key: jax.Array, context: Frames, act: jax.Array) -> Frames:
+        """The next frame after a context (low: [b, n, h, w, 3]; full: its last num_past frames at full
+        resolution, or None) and its n actions."""
+        b, n = context.low.shape[:2]
+        chex.assert_equal(n, self.num_steps_conditioning)
+        key_low, key_full = jax.random.split(key)
+        low = sample_next_obs(self.denoiser, variables["denoiser"], key_low, context.low, act, self.sampler)
+        if self.upsampler is None:
+            return Frames(low, None)
+        past = context.full[:, context.full.shape[1] - self.upsampler.num_past:]
+        return Frames(low, self.upsampler.sample(variables["upsampler"], key_full, past, low, self.upsampler_sampler))
+
+    def rollout(self, variables: Variables, key: jax.Array, context: Frames, act: jax.Array,
+                num_steps: int) -> Frames:
+        """num_steps frames drawn open-loop, each from the model's own previous frames: [b, num_steps, ...].
+        act: [b, n + num_steps - 1(, size)], the context's actions then one per drawn frame but the last."""
+        n = self.num_steps_conditioning
+        chex.assert_equal(act.shape[1], n + num_steps - 1)
+        windows = jnp.stack([act[:, k:k + n] for k in range(num_steps)])  # [num_steps, b, n(, size)]
+
+        def step(ctx: Frames, inputs):
+            window, key_k = inputs
+            nxt = self.step(variables, key_k, ctx, window)
+            shift = lambda past, new: jnp.concatenate([past[:, 1:], new[:, None]], axis=1)  # noqa: E731
+            ctx = Frames(shift(ctx.low, nxt.low), None if ctx.full is None else shift(ctx.full, nxt.full))
+            return ctx, nxt
+
+        _, drawn = jax.lax.scan(step, context, (windows, jax.random.split(key, num_steps)))
+        return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), drawn)

@@ -1,0 +1,66 @@
+"""A world-model run on disk: its config, what it trains on, and its checkpoints' state, read back for the
+tools that use a trained world model (evaluation, dream, play)."""
+
+import json
+import os
+from typing import Any, Dict, NamedTuple
+
+import jax
+from ml_collections import config_dict
+
+from diamond_jax.training import steps
+from diamond_jax.training.checkpoint import RunCheckpointer
+from diamond_jax.world_model.model import Variables, WorldModel
+
+CONFIG_FILE = "config.json"
+DATASET_FILE = "dataset.json"  # what the run trains on, checked when it resumes
+CHECKPOINTS = "checkpoints"
+KEY_INIT = 0  # the stream of the models' initialisation (train.py folds the others)
+
+
+def model_names(config: config_dict.ConfigDict):
+    return ("denoiser", "upsampler") if config.upsampler.enabled else ("denoiser",)
+
+
+def fresh_state(model: WorldModel, optimizers: Dict[str, Any], seed: int) -> Dict[str, steps.TrainState]:
+    variables = model.init(jax.random.fold_in(jax.random.key(seed), KEY_INIT))
+    return {n: steps.TrainState.create(variables[n], optimizers[n]) for n in optimizers}
+
+
+class LoadedRun(NamedTuple):
+    config: config_dict.ConfigDict
+    model: WorldModel
+    variables: Variables  # {"denoiser": {"params", "buffers"}, "upsampler": ...}
+    dataset: Dict[str, Any]  # the record of dataset.json: path, frame_shape, action, episode counts
+    step: int  # updates done when the checkpoint was taken
+
+
+def load_run(workdir: str) -> LoadedRun:
+    """The newest checkpoint of a world-model run; ValueError naming what is missing."""
+    paths = {name: os.path.join(workdir, name) for name in (CONFIG_FILE, DATASET_FILE, CHECKPOINTS)}
+    for name, path in paths.items():
+        if not os.path.exists(path):
+            raise ValueError(f"--workdir={workdir} holds no world-model run: {path} is missing. Fix: pass the "
+                             "--workdir of `python -m diamond_jax.world_model`, after its first checkpoint.")
+    with open(paths[CONFIG_FILE]) as f:
+        config = config_dict.ConfigDict(json.load(f))
+    if "upsampler" not in config or "resolution" not in config:
+        raise ValueError(f"--workdir={workdir} holds a reinforcement-learning run, not a world model of recorded "
+                         "play. Fix: use the tools of RL runs (python -m diamond_jax.dream --workdir=...), or "
+                         "pass the --workdir of `python -m diamond_jax.world_model`.")
+    with open(paths[DATASET_FILE]) as f:
+        dataset = json.load(f)
+    model = WorldModel.from_config(config, dataset["action"]["size"], tuple(dataset["frame_shape"]))
+    optimizers = {n: steps.optimizer_from_config(config[n]) for n in model_names(config)}
+    abstract = jax.eval_shape(lambda: fresh_state(model, optimizers, config.seed))
+    checkpointer = RunCheckpointer(paths[CHECKPOINTS], keep=config.checkpoint.keep)
+    try:
+        restored = checkpointer.restore_latest(abstract)
+    finally:
+        checkpointer.close()
+    if restored is None:
+        raise ValueError(f"{paths[CHECKPOINTS]} holds no checkpoint yet. Fix: wait for the run's first checkpoint "
+                         f"(every {config.checkpoint.every_steps} updates or {config.checkpoint.every_minutes} "
+                         "minutes).")
+    _, state, meta = restored
+    return LoadedRun(config, model, {n: s.variables() for n, s in state.items()}, dataset, meta["step"])
