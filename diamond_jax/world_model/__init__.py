@@ -1,0 +1,1 @@
+"""World-model-only tools: metrics of generated frames and videos against recorded ones."""
