@@ -22,11 +22,16 @@ from absl import app, flags
 from diamond_jax.exit_codes import EXIT_BAD_INPUT
 from diamond_jax.world_model.metrics import MetricWeightsError, convert_i3d_weights, convert_lpips_weights
 
-flags.DEFINE_string("lpips_alexnet", None, "torchvision's AlexNet weights (alexnet-owt-7be5be79.pth), for LPIPS.")
-flags.DEFINE_string("lpips_lin", None, "the lpips package's v0.1 AlexNet lin weights (lpips/weights/v0.1/alex.pth).")
-flags.DEFINE_string("i3d", None, "pytorch-i3d's Kinetics-400 RGB model (models/rgb_imagenet.pt), for FVD.")
-flags.DEFINE_string("out", None, "the .npz to write (its folder is created).")
 FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+    # Defined when run as a program only, so that importing this module adds no global flags.
+    flags.DEFINE_string("lpips_alexnet", None, "torchvision's AlexNet weights (alexnet-owt-7be5be79.pth), for LPIPS.")
+    flags.DEFINE_string("lpips_lin", None, "the lpips package's v0.1 AlexNet lin weights "
+                        "(lpips/weights/v0.1/alex.pth).")
+    flags.DEFINE_string("i3d", None, "pytorch-i3d's Kinetics-400 RGB model (models/rgb_imagenet.pt), for FVD.")
+    flags.DEFINE_string("out", None, "the .npz to write (its folder is created).")
 
 
 def run() -> str:
@@ -62,4 +67,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)
