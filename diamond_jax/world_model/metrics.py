@@ -13,7 +13,8 @@ LPIPS and I3D read their weights from our own .npz files, written from the stand
 `python -m diamond_jax.world_model.metric_weights` (which needs torch); nothing is ever downloaded. The .npz
 layout: one float32 array per parameter, named by its Flax path without the collection, joined by "/"
 (`net/features_0/kernel`, `Mixed_3b/b1b/bn/mean`); convolution kernels in Flax's layout (HWIO, DHWIO), the
-LPIPS "lin" weights as vectors [C].
+LPIPS "lin" weights as vectors [C] (`lin0_weight` ... `lin4_weight`); `LPIPS.expected_shapes()` and
+`I3D.expected_shapes()` list every name and shape.
 """
 
 import dataclasses
@@ -79,7 +80,8 @@ def ssim(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     gaussian_weights=True, sigma=1.5, use_sample_covariance=False): local statistics under an 11-tap Gaussian
     window (sigma 1.5), population (not sample) variances, C1 = (0.01 L)^2, C2 = (0.03 L)^2 with L = 255, the SSIM
     map averaged over the positions where the window lies inside the frame ("valid", no padding), per channel, then
-    over the channels. Computed in float64: in float32, E[x^2] - E[x]^2 of values up to 255^2 loses about 0.01.
+    over the channels. Computed in float64: float32's E[x^2] - E[x]^2 of values up to 255^2 would carry rounding
+errors of about 0.01, against a C1 of 6.5.
     """
     _check_frames(x, y)
     *batch, h, w, _ = np.shape(x)
@@ -190,8 +192,8 @@ def read_torch_state_dict(path: Path, fix: str) -> Dict[str, np.ndarray]:
     try:
         import torch
     except ImportError as e:
-        raise MetricWeightsError("reading PyTorch weights needs PyTorch, which is not installed. Fix: pip install torch "
-                                 "(the CPU build is enough), or pip install -e \".[convert]\".") from e
+        raise MetricWeightsError("reading PyTorch weights needs PyTorch, which is not installed. Fix: pip install "
+                                 "torch (the CPU build is enough), or pip install -e \".[convert]\".") from e
     path = Path(path)
     if not path.is_file():
         raise MetricWeightsError(f"{path} does not exist or is not a file. Fix: {fix}")
@@ -389,7 +391,8 @@ def lpips_params_from_torch(alexnet: Mapping[str, np.ndarray], lin: Mapping[str,
     lins = [m for m in mapping if not m.ours.startswith("net/")]
     flat = _from_torch(alexnet, net, sources[0], "pass torchvision's AlexNet weights (alexnet-owt-7be5be79.pth) as "
                        "--lpips_alexnet", ignored=lambda key: key.startswith("classifier."))
-    flat.update(_from_torch(lin, lins, sources[1], "pass the lpips package's lpips/weights/v0.1/alex.pth as --lpips_lin"))
+    flat.update(_from_torch(lin, lins, sources[1],
+                            "pass the lpips package's lpips/weights/v0.1/alex.pth as --lpips_lin"))
     return _unflatten(flat)
 
 
@@ -510,7 +513,10 @@ FeatureExtractor = Callable[[np.ndarray], np.ndarray]  # videos uint8 [n, T, H, 
 
 
 class I3D:
-    """FVD's feature extractor: the Kinetics-400 logits of I3D with loaded weights (`I3D.load`)."""
+    """FVD's feature extractor with loaded weights (`I3D.load`): the 400 Kinetics logits of I3D's RGB stream,
+    averaged over time, of the videos resized to 224 x 224 and scaled to [-1, 1]. This is what FVD's reference code
+    takes (the output of TF-Hub's i3d-kinetics-400, whose model averages its logits over time) and what its common
+    PyTorch ports take; not the 1024 pre-logit channels."""
 
     network = InceptionI3d()
 
@@ -550,7 +556,8 @@ def i3d_params_from_torch(state_dict: Mapping[str, np.ndarray], source: str = "t
     Conv3d_1a_7x7.conv3d.weight, Mixed_3b.b1b.bn.running_mean, logits.conv3d.bias, ...); BatchNorm's
     num_batches_tracked counters are ignored."""
     mapping = [_torch_mapping(ours, shape, _torch_key(ours)) for ours, shape in I3D.expected_shapes().items()]
-    flat = _from_torch(state_dict, mapping, source, "pass pytorch-i3d's Kinetics-400 RGB model (models/rgb_imagenet.pt)",
+    flat = _from_torch(state_dict, mapping, source,
+                       "pass pytorch-i3d's Kinetics-400 RGB model (models/rgb_imagenet.pt)",
                        ignored=lambda key: key.endswith(".num_batches_tracked"))
     return _unflatten(flat)
 
