@@ -15,9 +15,10 @@ from diamond_jax.envs import games as atari_games
 from diamond_jax.envs.base import Env, EnvStep
 
 BACKENDS = ("envpool", "gymnax")
+ATARI_FPS = 60  # the Atari emulator's frames per second
 
 __all__ = ["BACKENDS", "Env", "EnvStep", "action_names", "check_env_config", "game_names", "make_env",
-           "num_actions"]
+           "num_actions", "steps_per_second"]
 
 
 def _backend(env_config: config_dict.ConfigDict) -> str:
@@ -74,6 +75,12 @@ def action_names(config: config_dict.ConfigDict) -> Tuple[str, ...]:
     from diamond_jax.envs import gymnax_env
 
     return gymnax_env.action_names(config.game)
+
+
+def steps_per_second(config: config_dict.ConfigDict) -> Optional[float]:
+    """Agent steps per second of game time: Atari's emulator frames per second over its frame skip; None for
+    the gymnax games, which have no clock."""
+    return ATARI_FPS / config.env.frame_skip if _backend(config.env) == "envpool" else None
 
 
 def make_env(config: config_dict.ConfigDict, num_envs: int, train: bool, seed: int,
