@@ -105,8 +105,7 @@ def _csv_layout(path: str, header: List[str]) -> Tuple[str, List[str]]:
 
 
 def _integers(path: str, values: np.ndarray, what: str) -> np.ndarray:
-    bad = np.flatnonzero((values != np.round(values)).any(axis=-1) | (values < 0).any(axis=-1)) if values.ndim > 1 \
-        else np.flatnonzero((values != np.round(values)) | (values < 0))
+    bad = np.flatnonzero(((values != np.round(values)) | (values < 0)).reshape(len(values), -1).any(axis=1))
     if len(bad):
         raise DatasetError(f"{path}: {what} must be integers >= 0, got {values[bad[0]]} at row {bad[0]}. Fix: "
                            "one index per frame (or use key_* / axis_* columns for vectors).")
@@ -302,15 +301,15 @@ def import_replay(workdir: str, out: str, test_fraction: float = 0.1, seed: int 
     except (FileNotFoundError, ValueError) as error:
         raise DatasetError(f"{error}. --src must be a training run's directory (it holds replay/).") from error
     spec = ActionSpec("discrete", envs.num_actions(config), envs.action_names(config))
-    episodes = [e for e in range(replay.num_episodes) if replay.episode(e)["act"].size]
-    if not episodes:
+    if replay.num_steps == 0:
         raise DatasetError(f"the replay of {workdir} holds no step yet. Fix: run the training longer.")
-    with DatasetWriter(out, spec, envs.steps_per_second(config), test_fraction, seed, f"replay of {os.path.abspath(workdir)} ({config.game})",
-                       overwrite) as writer:
-        for e in _progress(episodes, "importing the replay"):
+    source = f"replay of {os.path.abspath(workdir)} ({config.game})"
+    with DatasetWriter(out, spec, envs.steps_per_second(config), test_fraction, seed, source, overwrite) as writer:
+        for e in _progress(range(replay.num_episodes), "importing the replay"):
             ep = replay.episode(e)
             steps = len(ep["act"])
-            writer.add_episode(ep["obs"][:steps], ep["act"], ep["rew"], ep["end"], name=f"replay episode {e}")
+            if steps:  # an episode just started has its first frame only, and no action yet
+                writer.add_episode(ep["obs"][:steps], ep["act"], ep["rew"], ep["end"], name=f"replay episode {e}")
         return writer.commit()
 
 
