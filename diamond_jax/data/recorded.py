@@ -349,6 +349,8 @@ class DatasetWriter:
         parent, name = os.path.split(self.path)
         old = None
         if os.path.lexists(self.path):
+            # POSIX cannot swap two directories in one rename: the old dataset steps aside first, and a crash
+            # between the two renames leaves it whole in the .replaced- sibling.
             old = tempfile.mkdtemp(prefix=f".{name}.replaced-", dir=parent)
             os.replace(self.path, os.path.join(old, name))
         os.replace(self._tmp, self.path)
