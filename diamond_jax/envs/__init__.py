@@ -6,7 +6,7 @@
 Training collection, test episodes, `play`, `dream` and the benchmark all make their environments here.
 """
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 from ml_collections import config_dict
 
@@ -15,9 +15,10 @@ from diamond_jax.envs import games as atari_games
 from diamond_jax.envs.base import Env, EnvStep
 
 BACKENDS = ("envpool", "gymnax")
+ATARI_FPS = 60  # the Atari emulator's frames per second
 
 __all__ = ["BACKENDS", "Env", "EnvStep", "action_names", "check_env_config", "game_names", "make_env",
-           "num_actions"]
+           "num_actions", "steps_per_second"]
 
 
 def _backend(env_config: config_dict.ConfigDict) -> str:
@@ -76,14 +77,25 @@ def action_names(config: config_dict.ConfigDict) -> Tuple[str, ...]:
     return gymnax_env.action_names(config.game)
 
 
-def make_env(config: config_dict.ConfigDict, num_envs: int, train: bool, seed: int) -> Env:
+def steps_per_second(config: config_dict.ConfigDict) -> Optional[float]:
+    """Agent steps per second of game time: Atari's emulator frames per second over its frame skip; None for
+    the gymnax games, which have no clock."""
+    return ATARI_FPS / config.env.frame_skip if _backend(config.env) == "envpool" else None
+
+
+def make_env(config: config_dict.ConfigDict, num_envs: int, train: bool, seed: int,
+             frame_shape: Optional[Tuple[int, int]] = None) -> Env:
     """`num_envs` environments of config.game, env i seeded from seed + i. `train` selects the training
-    envs' episode rules (Atari: done on life loss) over the test envs'."""
+    envs' episode rules (Atari: done on life loss) over the test envs'. frame_shape (h, w) replaces the
+    config's frame size (Atari only: envpool renders at any size; the gymnax games draw their own grid)."""
     check_env_config(config)
     if _backend(config.env) == "envpool":
         from diamond_jax.envs import atari
 
-        return atari.make_atari_env(config.game, config.env, num_envs, train, seed)
+        return atari.make_atari_env(config.game, config.env, num_envs, train, seed, frame_shape)
+    if frame_shape is not None:
+        raise ConfigError(f"frame_shape={frame_shape} is for Atari (config.env.backend='envpool'); the gymnax "
+                          f"games draw frames of config.env.size. Fix: leave frame_shape out for {config.game}.")
     from diamond_jax.envs import gymnax_env
 
     return gymnax_env.make_gymnax_env(config.game, config.env, num_envs, seed)

@@ -38,6 +38,7 @@ from diamond_jax.envs.games import ATARI_100K_GAMES, action_names
 # How a life loss is told (env.life_loss_rule): "official" measures it against the count at the last loss (or
 # reset), so the loss of a bonus life ends no episode; "every_decrease" ends one at every decrease.
 LIFE_LOSS_RULES = ("official", "every_decrease")
+ATARI_FRAME_SHAPE = (210, 160)  # (h, w) of the emulator's screen
 
 
 class AtariEnv:
@@ -108,13 +109,16 @@ def num_actions(game: str, env_config: config_dict.ConfigDict) -> int:
 
 
 def make_atari_env(game: str, env_config: config_dict.ConfigDict, num_envs: int, train: bool,
-                   seed: int) -> AtariEnv:
+                   seed: int, frame_shape: Optional[Tuple[int, int]] = None) -> AtariEnv:
     """Envs of `game` with the preprocessing of `env_config` (config.env); env i is seeded seed + i.
 
     `train` picks done-on-life-loss from env_config.train_done_on_life_loss or test_done_on_life_loss.
+    frame_shape: (h, w) of the frames, env_config.size squared by default; ATARI_FRAME_SHAPE gives the
+    emulator's own frames unresized (play recorded at full resolution, envs/record.py).
     """
     _check_game(game)
     c = env_config
+    height, width = (c.size, c.size) if frame_shape is None else frame_shape
     if c.noop_max < 1:
         raise ValueError(f"config.env.noop_max={c.noop_max}: envpool always plays 1 to noop_max no-ops at "
                          "reset and crashes with 0. Fix: use noop_max >= 1 (30 in the paper; 1 = a single no-op).")
@@ -124,8 +128,8 @@ def make_atari_env(game: str, env_config: config_dict.ConfigDict, num_envs: int,
         num_envs=num_envs,
         batch_size=num_envs,  # sync mode: every call steps all envs, in env-id order
         seed=seed,
-        img_height=c.size,
-        img_width=c.size,
+        img_height=height,
+        img_width=width,
         gray_scale=False,
         stack_num=1,
         frame_skip=c.frame_skip,
