@@ -14,22 +14,24 @@ import jax
 import jax.numpy as jnp
 
 from diamond_jax.data.batch import Batch
-from diamond_jax.models.denoiser import Denoiser, Variables, quantize
+from diamond_jax.models.denoiser import Denoiser, Variables
 from diamond_jax.models.sampler import SamplerConfig, sample_next_obs
 
 Size = Tuple[int, int]  # (height, width)
 
 
 def resize_frames(x: jax.Array, size: Size) -> jax.Array:
-    """Frames [..., h, w, 3] in [-1, 1] resized to size, snapped to the 256 levels of a uint8 frame: bicubic
-    when growing (the official upsampler's input), antialiased linear when shrinking (a low-resolution frame
-    should average the pixels it covers, not pick some)."""
+    """Frames [..., h, w, 3] in [-1, 1] resized to size and rounded to the nearest of the 256 levels of a uint8
+    frame (not truncated as the denoiser's output is: resizing a frame of level 100 gives 99.99998, which must
+    stay 100): bicubic when growing (the official upsampler's input), antialiased linear when shrinking (a
+    low-resolution frame should average the pixels it covers, not pick some)."""
     h, w = x.shape[-3:-1]
     if (h, w) == tuple(size):
         return x
     method = "linear" if size[0] <= h and size[1] <= w else "cubic"
     shape = x.shape[:-3] + tuple(size) + x.shape[-1:]
-    return quantize(jax.image.resize(x, shape, method=method, antialias=True))
+    levels = jnp.round((jnp.clip(jax.image.resize(x, shape, method=method, antialias=True), -1, 1) + 1) * 127.5)
+    return levels / 127.5 - 1
 
 
 @dataclasses.dataclass(frozen=True)
