@@ -127,7 +127,7 @@ def read_actions(path: str, spec: ActionSpec) -> np.ndarray:
         # Several discrete keys, each one-hot over the values the dataset named <key>=<value>.
         sizes = np.array([sum(n.startswith(f"{c}=") for n in spec.names) for c in log.columns])
         components = tuple(f"{c}={v}" for c, size in zip(log.columns, sizes) for v in range(size))
-    what = f"the columns {', '.join(log.columns)}" if log.columns else f"actions of shape {values.shape}"
+    what = f"the components {', '.join(log.columns)}" if log.columns else f"actions of shape {values.shape}"
     if kind != spec.kind or (components and spec.names and components != spec.names) or (
             kind != "discrete" and len(components or values[0]) != spec.size):
         raise UsageError(f"--actions={path} holds {what}, but the world model plays {spec.kind} actions. Fix: one "
@@ -296,13 +296,14 @@ def controls(spec: ActionSpec, frame_shape: Tuple[int, int], title: str, source:
             key_action = ToggledKeys(keys)
             text = f"{title}: a multi-hot action of {spec.size} components, a key toggles each under human control (m):"
         return PlayControls(frame_shape, key_action, act_name, key_table(text, list(zip(names, zip(keys)))))
-    return PlayControls(frame_shape, None, act_name, no_keyboard(spec, title, source))
+    return PlayControls(frame_shape, None, act_name, no_keyboard(spec, title, source) + " The controls below work, "
+                        "but m (human control).")
 
 
 def no_keyboard(spec: ActionSpec, title: str, source: str) -> str:
     return (f"{title}: {spec.kind} actions of size {spec.size}, which the keyboard cannot play (it plays discrete "
-            f"actions and multi-hot components, at most {len(NUMBERED_KEYS)}). The actions played are --actions="
-            f"{source}; the controls below work, but m.")
+            f"actions and multi-hot components, at most {len(NUMBERED_KEYS)}): the actions played are --actions="
+            f"{source}.")
 
 
 def play_session(workdir: str, seed: int, horizon: int, human: bool, actions: str = EPISODE,
