@@ -14,6 +14,16 @@ The policy plays by default. Atari actions are combinations of w a s d (directio
 keys of the game's actions are printed at start, with the controls. Runs headless with SDL_VIDEODRIVER=dummy
 (give --max_steps, or a --script that presses q); --script presses keys at given frames, e.g.
 --script="0:m,2:+d,6:-d,8:.,9:e,10:return,11:q" (m at frame 0, hold d from frame 2 to 6, ...).
+
+A world model of recorded play (a --workdir of python -m diamond_jax.world_model) is played the same way,
+without a real game: each episode starts from a real context of a test episode of its dataset (--dataset where
+it moved) and lasts --horizon steps, or until the actions played run out: those recorded after the context
+(default), or the rows of --actions=PATH.npy|PATH.csv. Under human control (m) the keyboard acts instead: Atari
+action names with the keys above, other discrete actions (at most 18) with 1..9 f g h j k l z x c, multi-hot
+components toggled by the same keys. Continuous actions come from --actions only.
+
+    python -m diamond_jax.play --workdir=runs/wm-pong --human
+    python -m diamond_jax.play --workdir=runs/wm-car --actions=steering.csv
 """
 
 import argparse

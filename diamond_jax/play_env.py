@@ -5,7 +5,8 @@
 - `play_real`: real frames and actions, the policy (or NOOP) acting; the world model's initial conditions
   are the first num_steps_conditioning frames of such a trajectory.
 - `WorldModelPlayEnv` and `RealPlayEnv`: the two environments of `python -m diamond_jax.play`, each with
-  its own episode and actor-critic state, stepped by a human's action or the policy's.
+  its own episode and actor-critic state, stepped by a human's action or the policy's (world models of
+  recorded play have their own, world_model/watch.py, an `ImaginedPlayEnv` as well).
 - `PlaySession`: what the player controls (who acts, which env, the horizon, pause), independent of
   pygame: the window in diamond_jax/play.py turns key presses into its commands.
 
