@@ -15,16 +15,26 @@ Writes to --out (default <workdir>/dream):
 Initial conditions are the first num_steps_conditioning frames of real test episodes, the policy acting.
 Every video starts with the last frame of its initial condition, then shows one frame per step: --steps + 1
 frames. --format=gif writes GIFs instead.
+
+A world model of recorded play (a --workdir of python -m diamond_jax.world_model) draws --rows open-loop
+rollouts, each from a real context (num_steps_conditioning frames of a test episode of its dataset, --dataset
+where the dataset moved), at the upsampler's full resolution where the run has one:
+
+    python -m diamond_jax.dream --workdir=runs/wm-pong --steps=50                      # the episodes' actions
+    python -m diamond_jax.dream --workdir=runs/wm-pong --steps=50 --actions=random     # seeded, valid actions
+    python -m diamond_jax.dream --workdir=runs/wm-pong --steps=50 --actions=steps.csv  # one row per step
+
+  imagination.mp4      the rows side by side.
+  real_vs_imagined.mp4 and psnr.csv, psnr.json, psnr.png as above, with --actions=episode (the default): the
+                       actions recorded after the context, beside the frames recorded after it.
+An actions file is .npy or .csv in the layout python -m diamond_jax.dataset imports, one row per step.
 """
 
 import argparse
-import csv
 import functools
-import json
-import math
 import sys
 from pathlib import Path
-from typing import Any, Dict, NamedTuple, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,15 +42,10 @@ import numpy as np
 
 from diamond_jax import envs, imagination
 from diamond_jax.agent import Agent, AgentVariables
+from diamond_jax.comparison import Comparison, comparison_video, psnr, write_psnr
 from diamond_jax.play_env import UsageError, initial_conditions, load_run_agent, play_real, start_fn, to_frame
 from diamond_jax.video import FORMATS, grid, upscale, write_video
-
-
-def psnr(real: np.ndarray, imagined: np.ndarray) -> np.ndarray:
-    """PSNR in dB of uint8 frames [..., h, w, c] with peak 255, per frame; inf for identical frames."""
-    mse = np.mean((np.asarray(real, np.float64) - np.asarray(imagined, np.float64)) ** 2, axis=(-3, -2, -1))
-    with np.errstate(divide="ignore"):
-        return 10 * np.log10(255.0 ** 2 / mse)
+from diamond_jax.world_model import watch
 
 
 @functools.lru_cache(maxsize=4)
@@ -83,12 +88,6 @@ def imagine_rollout(config, agent: Agent, variables: AgentVariables, rows: int, 
     return rollout_fn(agent, num_steps)(variables, state, pool, key_rollout)
 
 
-class Comparison(NamedTuple):
-    real: np.ndarray  # uint8 [rows, T + 1, h, w, 3]: the last frame of the initial condition, then each step's
-    imagined: np.ndarray  # uint8 [rows, T + 1, h, w, 3]: the same first frame, then the world model's
-    act: np.ndarray  # int32 [rows, T], taken at frame t of both
-
-
 def compare_open_loop(config, agent: Agent, variables: AgentVariables, rows: int, num_steps: int, key: jax.Array,
                       seed: int) -> Comparison:
     """The policy plays num_steps steps in real games after an initial condition; the world model, burnt in on
@@ -121,53 +120,6 @@ def rollout_video(traj: imagination.Trajectory, scale: int) -> np.ndarray:
     return grid([upscale(to_frame(row), scale) for row in obs])
 
 
-def comparison_video(comparison: Comparison, scale: int) -> np.ndarray:
-    """Frames [T + 1, h', w', 3]: one row per game, real frames left, imagined frames right."""
-    return grid([grid([upscale(r, scale), upscale(i, scale)]) for r, i in zip(comparison.real, comparison.imagined)],
-                axis=-3)
-
-
-def write_psnr(out: Path, values: np.ndarray, info: Dict[str, Any]) -> Dict[str, Path]:
-    """PSNR [rows, T] of imagined steps 1..T as CSV (a column per row and their mean), JSON (inf as null)
-    and a plot."""
-    mean = values.mean(axis=0)
-    steps = np.arange(1, values.shape[1] + 1)
-    paths = {"csv": out / "psnr.csv", "json": out / "psnr.json", "png": out / "psnr.png"}
-    with open(paths["csv"], "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["step", "mean"] + [f"row_{i}" for i in range(len(values))])
-        for t, step in enumerate(steps):
-            writer.writerow([int(step), f"{mean[t]:.4f}"] + [f"{v:.4f}" for v in values[:, t]])
-    finite = lambda xs: [float(x) if math.isfinite(x) else None for x in xs]
-    paths["json"].write_text(json.dumps({**info, "step": steps.tolist(), "psnr_mean": finite(mean),
-                                         "psnr": [finite(row) for row in values]}, indent=1, allow_nan=False))
-    plot_psnr(paths["png"], values, f"{info.get('game', '')}: imagined vs real frames, open loop")
-    return paths
-
-
-def plot_psnr(path: Path, values: np.ndarray, title: str) -> None:
-    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
-
-    steps = np.arange(1, values.shape[1] + 1)
-    shown = np.where(np.isfinite(values), values, np.nan)  # identical frames (inf) would blow up the axis
-    fig = Figure(figsize=(6, 3.5), dpi=100)
-    ax = fig.add_subplot()
-    for row in shown:
-        ax.plot(steps, row, color="tab:blue", alpha=0.3, linewidth=1)
-    ax.plot(steps, np.nanmean(shown, axis=0), color="tab:blue", linewidth=2,
-            label=f"mean over {len(values)} games")
-    ax.set_xlabel("imagined step")
-    ax.set_ylabel("PSNR (dB)")
-    # From 0, the PSNR of the largest possible error of uint8 frames: a zoomed-in axis makes small changes
-    # look like large ones.
-    ax.set_ylim(bottom=0)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-
-
 def dream(workdir: str, num_steps: int, out: Optional[str] = None, fmt: str = "mp4", seed: int = 0, rows: int = 4,
           fps: float = 15.0, scale: int = 4) -> Dict[str, Any]:
     """Writes both videos and the PSNR files; returns their paths and the PSNR [rows, steps]."""
@@ -181,7 +133,8 @@ def dream(workdir: str, num_steps: int, out: Optional[str] = None, fmt: str = "m
     paths = {
         "imagination": write_video(out_dir / f"imagination.{fmt}", rollout_video(traj, scale), fps),
         "real_vs_imagined": write_video(out_dir / f"real_vs_imagined.{fmt}", comparison_video(comparison, scale), fps),
-        **write_psnr(out_dir, values, {"game": config.game, "seed": seed, "rows": rows, "steps": values.shape[1]}),
+        **write_psnr(out_dir, values, {"game": config.game, "seed": seed, "rows": rows, "steps": values.shape[1]},
+                     config.game),
     }
     return {"paths": paths, "psnr": values, "rollout": traj, "comparison": comparison}
 
@@ -189,7 +142,9 @@ def dream(workdir: str, num_steps: int, out: Optional[str] = None, fmt: str = "m
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m diamond_jax.dream", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", required=True, help="run directory holding the agent in <workdir>/agent")
+    parser.add_argument("--workdir", required=True,
+                        help="run directory holding the agent in <workdir>/agent, or of a world model of recorded "
+                             "play (python -m diamond_jax.world_model)")
     parser.add_argument("--steps", type=int, required=True, help="imagined steps per video")
     parser.add_argument("--out", default=None, help="output directory (default <workdir>/dream)")
     parser.add_argument("--format", choices=FORMATS, default="mp4", help="video format (default mp4)")
@@ -197,6 +152,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--rows", type=int, default=4, help="games per video (default 4)")
     parser.add_argument("--fps", type=float, default=15.0, help="frames per second of the videos (default 15)")
     parser.add_argument("--scale", type=int, default=4, help="pixels per frame pixel in the videos (default 4)")
+    parser.add_argument("--actions", default=None,
+                        help=f"world-model runs: the actions played, {watch.EPISODE} (default: those recorded after "
+                             f"the context), {watch.RANDOM} or an actions file PATH.npy or PATH.csv (one row per step)")
+    parser.add_argument("--dataset", default=None,
+                        help="world-model runs: the dataset's path, where it moved since training (default: the "
+                             "path the run recorded)")
     args = parser.parse_args(argv)
     for name in ("steps", "rows", "fps", "scale"):
         if getattr(args, name) <= 0:
@@ -207,16 +168,26 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     try:
-        result = dream(args.workdir, args.steps, args.out, args.format, args.seed, args.rows, args.fps, args.scale)
+        if watch.is_world_model_run(args.workdir):
+            result = watch.dream(args.workdir, args.steps, args.out, args.format, args.seed, args.rows, args.fps,
+                                 args.scale, args.actions or watch.EPISODE, args.dataset)
+        else:
+            for name in ("actions", "dataset"):
+                if getattr(args, name) is not None:
+                    raise UsageError(f"--{name} is for world models of recorded play, and {args.workdir} holds an "
+                                     f"RL run (no {watch.DATASET_FILE}). Fix: drop --{name}.")
+            result = dream(args.workdir, args.steps, args.out, args.format, args.seed, args.rows, args.fps,
+                           args.scale)
     except UsageError as e:
         sys.exit(f"error: {e}")
-    values = result["psnr"]
-    print("step  PSNR (dB), mean over rows, then per row")
-    for t in range(values.shape[1]):
-        print(f"{t + 1:4d}  {values[:, t].mean():6.2f}  " + " ".join(f"{v:6.2f}" for v in values[:, t]))
-    traj = result["rollout"]
-    print("imagination: ends sampled per row", np.asarray(traj.end).sum(axis=1).tolist(),
-          "(each restarts the row from a fresh initial condition)")
+    if "psnr" in result:
+        values = result["psnr"]
+        print("step  PSNR (dB), mean over rows, then per row")
+        for t in range(values.shape[1]):
+            print(f"{t + 1:4d}  {values[:, t].mean():6.2f}  " + " ".join(f"{v:6.2f}" for v in values[:, t]))
+    if "rollout" in result:
+        print("imagination: ends sampled per row", np.asarray(result["rollout"].end).sum(axis=1).tolist(),
+              "(each restarts the row from a fresh initial condition)")
     for name, path in result["paths"].items():
         print(f"{name}: {path}")
     return result

@@ -14,12 +14,22 @@ The policy plays by default. Atari actions are combinations of w a s d (directio
 keys of the game's actions are printed at start, with the controls. Runs headless with SDL_VIDEODRIVER=dummy
 (give --max_steps, or a --script that presses q); --script presses keys at given frames, e.g.
 --script="0:m,2:+d,6:-d,8:.,9:e,10:return,11:q" (m at frame 0, hold d from frame 2 to 6, ...).
+
+A world model of recorded play (a --workdir of python -m diamond_jax.world_model) is played the same way,
+without a real game: each episode starts from a real context of a test episode of its dataset (--dataset where
+it moved) and lasts --horizon steps, or until the actions played run out: those recorded after the context
+(default), or the rows of --actions=PATH.npy|PATH.csv. Under human control (m) the keyboard acts instead: Atari
+action names with the keys above, other discrete actions (at most 18) with 1..9 f g h j k l z x c, multi-hot
+components toggled by the same keys. Continuous actions come from --actions only.
+
+    python -m diamond_jax.play --workdir=runs/wm-pong --human
+    python -m diamond_jax.play --workdir=runs/wm-car --actions=steering.csv
 """
 
 import argparse
 import os
 import sys
-from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Set
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
 
@@ -28,8 +38,9 @@ import numpy as np  # noqa: E402
 
 from diamond_jax import envs  # noqa: E402
 from diamond_jax.play_env import (  # noqa: E402
-    PlaySession, RealPlayEnv, UsageError, WorldModelPlayEnv, action_from_keys, action_keys, keymap, load_run_agent,
-    noop_action)
+    HeldKeys, PlayControls, PlaySession, RealPlayEnv, UsageError, WorldModelPlayEnv, action_keys, key_table, keymap,
+    load_run_agent, noop_action)
+from diamond_jax.world_model import watch  # noqa: E402
 from diamond_jax.video import VideoWriter, video_format  # noqa: E402
 
 # Keys of the controls (pygame key names), the command each sends to PlaySession, and what it does.
@@ -55,10 +66,9 @@ def describe_controls() -> str:
 
 
 def describe_keys(game: str, names: Sequence[str]) -> str:
-    """The game's actions (names by index) with their keys, then the controls: printed at start."""
-    lines = [f"{game}: {len(names)} actions, the keys to hold under human control (m):"]
-    lines += [f"  {name:<14} {' + '.join(action_keys(name)) or '(no key)'}" for name in names]
-    return "\n".join(lines + [describe_controls()])
+    """The game's actions (names by index) with their keys: printed at start, above the controls."""
+    return key_table(f"{game}: {len(names)} actions, the keys to hold under human control (m):",
+                     [(name, action_keys(name)) for name in names])
 
 
 class ScriptedKey(NamedTuple):
@@ -112,12 +122,12 @@ EventSource = Callable[[int], Iterable[Any]]  # frame index -> the pygame events
 
 
 class Keyboard:
-    """Turns pygame events into PlaySession commands and the held keys into the human's action. A key pressed
-    and released between two frames still counts for the next one, so that a quick tap is never lost."""
+    """Turns pygame events into PlaySession commands and the keys into the human's action (PlayControls'
+    key_action). A key pressed and released between two frames still counts for the next one, so that a quick
+    tap is never lost."""
 
-    def __init__(self, game_keymap: Dict, noop: int = 0):
-        self.keymap = game_keymap
-        self.noop = noop  # the action when no action key is held
+    def __init__(self, key_action: Callable[[Set[str], Set[str]], Any]):
+        self.key_action = key_action
         self.held: Set[str] = set()
 
     def read(self, events: Iterable[Any]):
@@ -137,25 +147,24 @@ class Keyboard:
                 self.held.discard(pygame.key.name(event.key))
             elif event.type == pygame.WINDOWFOCUSLOST:  # its key releases go to another window
                 self.held.clear()
-        return commands, action_from_keys(self.keymap, self.held | tapped, self.noop)
+        return commands, self.key_action(self.held, tapped)
 
 
-def header_lines(session: PlaySession, names: Sequence[str]) -> List[str]:
+def header_lines(session: PlaySession, act_name: Callable[[Any], str]) -> List[str]:
     """What the header says about the frame shown: env, control, step (and horizon), return; the last step."""
     log = session.log[-1]
     limit = "" if session.env is not session.world_model else (
         f"/{log.horizon}" if log.horizon else "  (no horizon)")
     first = f"{log.env.upper()}   {log.control}   step {log.t}{limit}   return {log.ret:g}"
-    act = "-" if log.act is None else names[log.act]
+    act = "-" if log.act is None else act_name(log.act)
     second = f"act {act}   rew {log.rew:+g}   end {int(log.end)}   trunc {int(log.trunc)}"
     return [first, second + ("   PAUSED" if session.paused else "")]
 
 
-def run_window(session: PlaySession, frame_size: int, game_keymap: Dict, names: Sequence[str], size: int,
-               fps: float, record: Optional[str] = None, max_steps: int = 0,
-               events: Optional[EventSource] = None) -> Dict:
+def run_window(session: PlaySession, controls: PlayControls, size: int, fps: float, record: Optional[str] = None,
+               max_steps: int = 0, events: Optional[EventSource] = None) -> Dict:
     """The pygame loop: per iteration, the events that arrived, one session tick, one displayed (and recorded)
-    frame; until quit or max_steps frames (0: no limit).
+    frame; until quit or max_steps frames (0: no limit). Without a key_action, the human cannot take control.
 
     events: where each frame's pygame events come from (default: pygame's queue); ScriptedEvents posts
     scripted presses into that queue first.
@@ -164,13 +173,13 @@ def run_window(session: PlaySession, frame_size: int, game_keymap: Dict, names: 
 
     pygame.display.init()
     pygame.font.init()
-    scale = max(1, size // frame_size)
-    view = frame_size * scale
-    screen = pygame.display.set_mode((view, view + HEADER_HEIGHT))
+    height, width = controls.frame_shape
+    scale = max(1, size // max(height, width))
+    screen = pygame.display.set_mode((width * scale, height * scale + HEADER_HEIGHT))
     pygame.display.set_caption("diamond_jax.play")
     font = pygame.font.Font(None, 20)
     clock = pygame.time.Clock()
-    keyboard = Keyboard(game_keymap, noop_action(names))
+    keyboard = Keyboard(controls.key_action or (lambda held, pressed: None))
     events = events or (lambda frame: pygame.event.get())
     writer = VideoWriter(record, fps) if record else None
     try:
@@ -178,8 +187,10 @@ def run_window(session: PlaySession, frame_size: int, game_keymap: Dict, names: 
             commands, human_act = keyboard.read(events(session.frame_index))
             if "quit" in commands:
                 break
+            if controls.key_action is None:
+                commands = [c for c in commands if c != "control"]
             session.tick(commands, human_act)
-            _draw(screen, font, session, names, scale)
+            _draw(screen, font, session, controls.act_name, scale)
             if writer is not None:
                 writer.append(np.ascontiguousarray(pygame.surfarray.array3d(screen).transpose(1, 0, 2)))
             clock.tick(fps)
@@ -189,16 +200,16 @@ def run_window(session: PlaySession, frame_size: int, game_keymap: Dict, names: 
         pygame.quit()
     summary = session.summary()
     if writer is not None:
-        summary["record"] = {"path": str(writer.path), "frames": writer.num_frames, "height": view + HEADER_HEIGHT,
-                             "width": view}
+        summary["record"] = {"path": str(writer.path), "frames": writer.num_frames,
+                             "height": height * scale + HEADER_HEIGHT, "width": width * scale}
     return summary
 
 
-def _draw(screen, font, session: PlaySession, names: Sequence[str], scale: int) -> None:
+def _draw(screen, font, session: PlaySession, act_name: Callable[[Any], str], scale: int) -> None:
     import pygame
 
     screen.fill((0, 0, 0))
-    for i, line in enumerate(header_lines(session, names)):
+    for i, line in enumerate(header_lines(session, act_name)):
         screen.blit(font.render(line, True, (255, 255, 255)), (6, 6 + 20 * i))
     image = np.ascontiguousarray(np.repeat(np.repeat(session.frame, scale, axis=0), scale, axis=1))
     screen.blit(pygame.surfarray.make_surface(image.transpose(1, 0, 2)), (0, HEADER_HEIGHT))
@@ -206,7 +217,7 @@ def _draw(screen, font, session: PlaySession, names: Sequence[str], scale: int) 
 
 
 def make_session(workdir: str, seed: int = 0, horizon: int = 50, human: bool = False,
-                 init_actions: str = "policy"):
+                 init_actions: str = "policy") -> Tuple[PlaySession, PlayControls]:
     """The session of an agent's run directory: the world model first, then the real game."""
     config, agent, variables = load_run_agent(workdir)
     n = config.denoiser.inner_model.num_steps_conditioning
@@ -218,20 +229,32 @@ def make_session(workdir: str, seed: int = 0, horizon: int = 50, human: bool = F
     real_env = envs.make_env(config, 1, train=False, seed=seed + 1)
     play_envs = [WorldModelPlayEnv(agent, variables, init_env, n, horizon, init_policy=init_actions == "policy"),
                  RealPlayEnv(agent, variables, real_env)]
-    return config, PlaySession(play_envs, jax.random.key(seed), human=human)
+    names = envs.action_names(config)
+    controls = PlayControls((config.env.size, config.env.size), HeldKeys(keymap(names), noop_action(names)),
+                            lambda act: names[act], describe_keys(config.game, names))
+    return PlaySession(play_envs, jax.random.key(seed), human=human), controls
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m diamond_jax.play", description=__doc__,
                                      epilog=describe_controls(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", required=True, help="run directory holding the agent in <workdir>/agent")
+    parser.add_argument("--workdir", required=True,
+                        help="run directory holding the agent in <workdir>/agent, or of a world model of recorded "
+                             "play (python -m diamond_jax.world_model)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the real envs and every sampling (default 0)")
     parser.add_argument("--horizon", type=int, default=50,
                         help="imagined steps before the world model truncates and restarts; 0 = unlimited "
                              "(default 50, as the official play tool)")
     parser.add_argument("--human", action="store_true", help="start under human control (default: the policy)")
-    parser.add_argument("--init_actions", choices=("policy", "noop"), default="policy",
-                        help="who acts in the real frames of the initial conditions (default policy)")
+    parser.add_argument("--init_actions", choices=("policy", "noop"), default=None,
+                        help="who acts in the real frames of the initial conditions (default policy; RL runs only)")
+    parser.add_argument("--actions", default=None,
+                        help="world-model runs: the actions played when the human is not in control, 'episode' "
+                             "(default: those recorded after the context) or an actions file, PATH.npy or PATH.csv "
+                             "(one row per step, as python -m diamond_jax.dataset reads them)")
+    parser.add_argument("--dataset", default=None,
+                        help="world-model runs: the dataset's path, where it moved since training (default: the "
+                             "path the run recorded)")
     parser.add_argument("--fps", type=float, default=15.0, help="frames per second shown and recorded (default 15)")
     parser.add_argument("--size", type=int, default=512,
                         help="game view in pixels, rounded down to a whole multiple of the frame size, at least the "
@@ -263,12 +286,22 @@ def play(args: argparse.Namespace, events: Optional[EventSource] = None) -> Dict
     """Runs the play tool on parsed arguments; returns the session's summary, with its frame log."""
     if args.script and events is None:
         events = ScriptedEvents(parse_script(args.script))
-    config, session = make_session(args.workdir, args.seed, args.horizon, args.human, args.init_actions)
-    names = envs.action_names(config)
-    print(describe_keys(config.game, names))
+    if watch.is_world_model_run(args.workdir):
+        if args.init_actions:
+            raise UsageError("--init_actions is for RL runs: a world model of recorded play starts from recorded "
+                             "frames and the actions recorded with them. Fix: drop --init_actions.")
+        session, controls = watch.play_session(args.workdir, args.seed, args.horizon, args.human,
+                                               args.actions or watch.EPISODE, args.dataset)
+    else:
+        for name in ("actions", "dataset"):
+            if getattr(args, name) is not None:
+                raise UsageError(f"--{name} is for world models of recorded play, and {args.workdir} holds an RL "
+                                 f"run (no {watch.DATASET_FILE}). Fix: drop --{name}.")
+        session, controls = make_session(args.workdir, args.seed, args.horizon, args.human,
+                                         args.init_actions or "policy")
+    print(controls.keys_text + "\n" + describe_controls())
     print("The first frames wait for the models to compile (seconds on a GPU, up to a minute on a CPU).", flush=True)
-    summary = run_window(session, config.env.size, keymap(names), names, args.size, args.fps, args.record,
-                         args.max_steps, events)
+    summary = run_window(session, controls, args.size, args.fps, args.record, args.max_steps, events)
     summary["log"] = session.log
     return summary
 

@@ -5,7 +5,8 @@
 - `play_real`: real frames and actions, the policy (or NOOP) acting; the world model's initial conditions
   are the first num_steps_conditioning frames of such a trajectory.
 - `WorldModelPlayEnv` and `RealPlayEnv`: the two environments of `python -m diamond_jax.play`, each with
-  its own episode and actor-critic state, stepped by a human's action or the policy's.
+  its own episode and actor-critic state, stepped by a human's action or the policy's (world models of
+  recorded play have their own, world_model/watch.py, an `ImaginedPlayEnv` as well).
 - `PlaySession`: what the player controls (who acts, which env, the horizon, pause), independent of
   pygame: the window in diamond_jax/play.py turns key presses into its commands.
 
@@ -15,7 +16,7 @@ Nothing here imports pygame: keys are pygame's key names ("w", "space", "return"
 import dataclasses
 import functools
 from pathlib import Path
-from typing import Any, Collection, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Collection, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -63,6 +64,11 @@ def keymap(names: Sequence[str]) -> Keymap:
     return {action_keys(name): i for i, name in enumerate(names) if name != "NOOP"}
 
 
+def key_table(title: str, rows: Sequence[Tuple[str, Sequence[str]]]) -> str:
+    """A title, then an action (or a component of one) per line with its keys."""
+    return "\n".join([title] + [f"  {name:<14} {' + '.join(keys) or '(no key)'}" for name, keys in rows])
+
+
 def noop_action(names: Sequence[str]) -> int:
     """The index of NOOP: 0 in Atari's and MinAtar's action sets, 1 in Catch's (LEFT NOOP RIGHT)."""
     return list(names).index("NOOP") if "NOOP" in names else NOOP
@@ -73,6 +79,26 @@ def action_from_keys(keys: Keymap, pressed: Collection[str], noop: int = NOOP) -
     UP), the first in action order on a tie; `noop` if none. A game without UPRIGHT moves UP or RIGHT on w+d."""
     held = [(len(combo), -act) for combo, act in keys.items() if set(combo) <= set(pressed)]
     return -max(held)[1] if held else noop
+
+
+class HeldKeys:
+    """The human's action from the keys held (or tapped since the last frame): see action_from_keys."""
+
+    def __init__(self, keys: Keymap, noop: int = NOOP):
+        self.keys, self.noop = keys, noop
+
+    def __call__(self, held: Set[str], pressed: Set[str]) -> int:
+        return action_from_keys(self.keys, held | pressed, self.noop)
+
+
+class PlayControls(NamedTuple):
+    """What the play window needs to know of a run besides its session."""
+
+    frame_shape: Tuple[int, int]  # (height, width) of the frames shown
+    # (keys held, keys pressed since the last frame) -> the human's action; None where the keyboard cannot act
+    key_action: Optional[Callable[[Set[str], Set[str]], Any]]
+    act_name: Callable[[Any], str]  # an action as the window's header shows it
+    keys_text: str  # the actions' keys and the controls, printed at start
 
 
 def to_frame(obs: jax.Array) -> np.ndarray:
@@ -148,17 +174,27 @@ def play_step_fn(agent: Agent):
 
 
 class Transition(NamedTuple):
-    act: int
+    act: Any  # an action index, or a tuple of floats for a vector action (world models of recorded play)
     rew: float
     end: bool
     trunc: bool
 
 
-class WorldModelPlayEnv:
-    """One imagined game. Each episode starts from a new initial condition taken from a real test env and
-    lasts until the reward/end model samples an end, or `horizon` steps (0: no limit) have been imagined."""
+class ImaginedPlayEnv:
+    """A game inside a world model, whose episodes PlaySession's horizon commands cut short: `horizon` steps
+    (0: no limit) after the `t` steps imagined so far."""
 
     name = "world model"
+    horizon = 0
+    t = 0
+
+    def at_horizon(self) -> bool:
+        return 0 < self.horizon <= self.t
+
+
+class WorldModelPlayEnv(ImaginedPlayEnv):
+    """One imagined game. Each episode starts from a new initial condition taken from a real test env and
+    lasts until the reward/end model samples an end, or `horizon` steps (0: no limit) have been imagined."""
 
     def __init__(self, agent: Agent, variables: AgentVariables, real_env: Env, num_steps_conditioning: int,
                  horizon: int, init_policy: bool = True):
@@ -183,7 +219,7 @@ class WorldModelPlayEnv:
         act, out, self.state = play_step_fn(self.agent)(
             self.variables, self.state, jnp.array([-1 if human_act is None else human_act], jnp.int32), key)
         self.t += 1
-        return Transition(int(act[0]), float(out.rew[0]), bool(out.end[0]), 0 < self.horizon <= self.t)
+        return Transition(int(act[0]), float(out.rew[0]), bool(out.end[0]), self.at_horizon())
 
 
 class RealPlayEnv:
@@ -229,7 +265,7 @@ class FrameLog:
     t: int  # steps since the episode started
     ret: float  # return of the episode so far
     horizon: int  # of the world model, 0 = unlimited
-    act: Optional[int] = None  # on steps: the action taken
+    act: Any = None  # on steps: the action taken (Transition.act)
     rew: float = 0.0
     end: bool = False
     trunc: bool = False
@@ -262,8 +298,8 @@ class PlaySession:
         return self.envs[self.env_index]
 
     @property
-    def world_model(self) -> Optional[WorldModelPlayEnv]:
-        return next((e for e in self.envs if isinstance(e, WorldModelPlayEnv)), None)
+    def world_model(self) -> Optional[ImaginedPlayEnv]:
+        return next((e for e in self.envs if isinstance(e, ImaginedPlayEnv)), None)
 
     def apply(self, command: str) -> None:
         if command not in COMMANDS:
@@ -284,7 +320,7 @@ class PlaySession:
         elif command == "quit":
             self.quit = True
 
-    def tick(self, commands: Sequence[str] = (), human_act: int = NOOP) -> FrameLog:
+    def tick(self, commands: Sequence[str] = (), human_act: Any = NOOP) -> FrameLog:
         """Applies the commands, then shows the next frame; returns its log."""
         for command in commands:
             self.apply(command)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import atari100k
-from diamond_jax import dream
+from diamond_jax import comparison, dream
 from diamond_jax.training.agent_checkpoint import save_agent
 
 # imageio-ffmpeg reads an MP4 through an ffmpeg subprocess, which JAX warns about.
@@ -65,7 +65,7 @@ def test_the_psnr_plot_starts_at_0_db(tmp_path, monkeypatch):
     figures = []
     monkeypatch.setattr(Figure, "savefig", lambda fig, path, **_: figures.append(fig))
     # PSNR around 30 dB: an axis fitted to the data would start near 29.
-    dream.plot_psnr(tmp_path / "psnr.png", np.array([[30.0, 31.0, 29.5], [30.5, math.inf, 30.0]]), "Pong")
+    comparison.plot_psnr(tmp_path / "psnr.png", np.array([[30.0, 31.0, 29.5], [30.5, math.inf, 30.0]]), "Pong")
     (ax,) = figures[0].axes
     assert ax.get_ylim()[0] == 0 and ax.get_ylim()[1] > 31
 

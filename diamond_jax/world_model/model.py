@@ -27,6 +27,12 @@ class Frames(NamedTuple):
     full: Optional[jax.Array]  # [b, ..., H, W, 3] at the upsampler's, or None without an upsampler
 
 
+def advance(context: Frames, new: Frames) -> Frames:
+    """The context after a drawn frame: its oldest frame dropped, the new one ([b, ...]) appended."""
+    shift = lambda past, frame: jnp.concatenate([past[:, 1:], frame[:, None]], axis=1)  # noqa: E731
+    return Frames(shift(context.low, new.low), None if context.full is None else shift(context.full, new.full))
+
+
 def sampler_config(section) -> SamplerConfig:
     return SamplerConfig(**section.to_dict())
 
@@ -94,9 +100,7 @@ class WorldModel:
         def step(ctx: Frames, inputs):
             window, key_k = inputs
             nxt = self.step(variables, key_k, ctx, window)
-            shift = lambda past, new: jnp.concatenate([past[:, 1:], new[:, None]], axis=1)  # noqa: E731
-            ctx = Frames(shift(ctx.low, nxt.low), None if ctx.full is None else shift(ctx.full, nxt.full))
-            return ctx, nxt
+            return advance(ctx, nxt), nxt
 
         _, drawn = jax.lax.scan(step, context, (windows, jax.random.split(key, num_steps)))
         return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), drawn)
