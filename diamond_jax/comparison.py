@@ -13,13 +13,6 @@ import numpy as np
 from diamond_jax.video import grid, upscale
 
 
-def psnr(real: np.ndarray, imagined: np.ndarray) -> np.ndarray:
-    """PSNR in dB of uint8 frames [..., h, w, c] with peak 255, per frame; inf for identical frames."""
-    mse = np.mean((np.asarray(real, np.float64) - np.asarray(imagined, np.float64)) ** 2, axis=(-3, -2, -1))
-    with np.errstate(divide="ignore"):
-        return 10 * np.log10(255.0 ** 2 / mse)
-
-
 class Comparison(NamedTuple):
     real: np.ndarray  # uint8 [rows, T + 1, h, w, 3]: the last frame of the initial condition, then each step's
     imagined: np.ndarray  # uint8 [rows, T + 1, h, w, 3]: the same first frame, then the world model's

@@ -31,7 +31,7 @@ import numpy as np
 from diamond_jax.agent import Agent, AgentVariables
 from diamond_jax.data.batch import obs_from_frames
 from diamond_jax.data.replay import ReplayDataset
-from diamond_jax.dream import psnr
+from diamond_jax.world_model.metrics import psnr
 from diamond_jax.models.sampler import sample_next_obs
 from diamond_jax.play_env import UsageError, load_run_agent, to_frame
 from diamond_jax.training.agent_checkpoint import read_agent_info

@@ -42,10 +42,11 @@ import numpy as np
 
 from diamond_jax import envs, imagination
 from diamond_jax.agent import Agent, AgentVariables
-from diamond_jax.comparison import Comparison, comparison_video, psnr, write_psnr
+from diamond_jax.comparison import Comparison, comparison_video, write_psnr
 from diamond_jax.play_env import UsageError, initial_conditions, load_run_agent, play_real, start_fn, to_frame
 from diamond_jax.video import FORMATS, grid, upscale, write_video
 from diamond_jax.world_model import watch
+from diamond_jax.world_model.metrics import psnr
 
 
 @functools.lru_cache(maxsize=4)

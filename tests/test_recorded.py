@@ -295,6 +295,9 @@ def test_bad_video_folders_are_named(tmp_path):
         importers.import_videos(str(src), str(tmp_path / "ds"))
     with pytest.raises(DatasetError, match="which are continuous actions, but the action kind asked for is discrete"):
         importers.import_videos(str(src), str(tmp_path / "ds"), action_kind="discrete")
+    write_csv(src / "a.csv", ["action"], [])
+    with pytest.raises(DatasetError, match="a.csv has a header but no rows"):
+        importers.import_videos(str(src), str(tmp_path / "ds"))
     write_csv(src / "a.csv", ["action", "reward"], [[0, 0]] * 3)
     with pytest.raises(DatasetError, match="column 'reward' is not read"):
         importers.import_videos(str(src), str(tmp_path / "ds"))

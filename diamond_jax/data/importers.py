@@ -68,6 +68,8 @@ def read_actions_csv(path: str) -> ActionLog:
         raise DatasetError(f"{path} is empty. Fix: a header row (e.g. action,rew,end), then one row per frame.")
     header, body = [c.strip() for c in rows[0]], [r for r in rows[1:] if r]
     layout, action_columns = _csv_layout(path, header)
+    if not body:
+        raise DatasetError(f"{path} has a header but no rows. Fix: one row per frame of its video.")
     table = np.zeros((len(body), len(header)), np.float64)
     for i, row in enumerate(body):
         if len(row) != len(header):

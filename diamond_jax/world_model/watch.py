@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diamond_jax.comparison import Comparison, comparison_video, psnr, write_psnr
+from diamond_jax.comparison import Comparison, comparison_video, write_psnr
+from diamond_jax.world_model.metrics import psnr
 from diamond_jax.data import importers
 from diamond_jax.data.recorded import ActionSpec, DatasetError, RecordedDataset
 from diamond_jax.envs.games import ATARI_ACTION_NAMES
