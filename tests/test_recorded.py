@@ -59,6 +59,7 @@ def test_round_trip_is_bit_exact(tmp_path, kind):
     for e, length in enumerate([4, 7, 5]):
         obs, act, rew, end = hand_episode(e, length, kind)
         got = ds.episode(e)
+        assert ds.episode_name(e) == f"ep{e}"
         assert isinstance(got.obs, np.memmap) and got.obs.dtype == np.uint8 and np.array_equal(got.obs, obs)
         assert got.act.dtype == (np.int32 if kind == "discrete" else np.float32) and np.array_equal(got.act, act)
         assert got.rew.dtype == np.float32 and np.array_equal(got.rew, rew) and np.array_equal(got.end, end)

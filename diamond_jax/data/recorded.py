@@ -138,6 +138,10 @@ class RecordedDataset:
             raise ValueError(f"split={split!r}: use one of {', '.join(SPLITS)}")
         return [e for e, ep in enumerate(self._meta_episodes) if ep["split"] == split]
 
+    def episode_name(self, episode_id: int) -> str:
+        """The name the episode was written under (its file, or the recorder's game and number)."""
+        return self._meta_episodes[episode_id]["name"]
+
     def episode(self, episode_id: int) -> Episode:
         if not 0 <= episode_id < len(self._steps):
             raise IndexError(f"episode {episode_id} does not exist ({len(self._steps)} episodes in {self.path})")
