@@ -33,13 +33,12 @@ import flax.linen as nn
 from diamond_jax.data.batch import Batch
 from diamond_jax.models.blocks import (Conv, Dense, Downsample, Dtype, FourierFeatures, GroupNorm, ResBlocks, UNet,
                                       init_key)
+from diamond_jax.models.conditioning import CONDITION_DROPOUT_TARGETS, CONDITIONINGS
 from diamond_jax.models.precision import compute_dtype
 
 IMG_CHANNELS = 3
 Variables = Dict[str, Any]  # {"params": ..., "buffers": ...}
 ACTION_KINDS = ("discrete", "multi_hot", "continuous", "none")
-CONDITIONINGS = ("frame_stack", "cross_attention")
-CONDITION_DROPOUT_TARGETS = ("all", "actions")
 
 
 @dataclasses.dataclass(frozen=True)
