@@ -402,9 +402,9 @@ class Denoiser:
             sigma = self.sample_sigma_training(key_sigma, b)
             noisy_next_obs = self.apply_noise(key_noise, next_obs, sigma)
             cs = self.conditioners(sigma)
-            null = self.sample_null(key_null[0], b) if self.has_null_inputs else None
+            masked = {"null": self.sample_null(key_null[0], b)} if self.has_null_inputs else {}
             model_output = self.model_output(variables, noisy_next_obs, all_obs[:, i:n + i], batch.act[:, i:n + i], cs,
-                                             null)
+                                             **masked)
             target = (next_obs - cs.c_skip * noisy_next_obs) / cs.c_out
             losses.append(masked_mean((model_output - target) ** 2, mask))
             denoised = jax.lax.stop_gradient(self.wrap_model_output(noisy_next_obs, model_output, cs))
