@@ -88,6 +88,27 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
     c.denoiser.inner_model.depths = (2, 2, 2, 2)  # residual blocks per U-Net level
     c.denoiser.inner_model.channels = (64, 64, 64, 64)  # channels per U-Net level
     c.denoiser.inner_model.attn_depths = (0, 0, 0, 0)  # self-attention per level (1 = on)
+    # Conditioning variants (the paper's section 4.2; README "Conditioning variants"). How the past frames enter:
+    # "frame_stack" (the paper's main model and the official release's: stacked with the noised frame on the
+    # channel axis) or "cross_attention" (the core U-Net sees the noised frame only and cross-attends to the
+    # activations of a history encoder run on each past frame with shared parameters).
+    c.denoiser.conditioning = "frame_stack"
+    # Masked conditioning: the training probability that a row's conditioning is replaced by learned null
+    # inputs (the paper: typically 0.2), which lets the model run unconditionally and be sampled with
+    # classifier-free guidance (world_model_env.sampler.guidance_scale). 0 = never, and no null parameters
+    # (the official model's parameters exactly).
+    c.denoiser.condition_dropout = 0.0
+    # What a null row loses: "all" (past frames and actions together, the paper's) or "actions" (actions only).
+    c.denoiser.condition_dropout_target = "all"
+    # Sizes of the "cross_attention" variant (checked and used only with it).
+    c.denoiser.cross_attention = config_dict.ConfigDict()
+    # U-Net levels (0 = full resolution) whose blocks cross-attend to the history; attention costs grow with
+    # the square of a level's pixel count, so the two lowest-resolution levels (16 x 16 and 8 x 8).
+    c.denoiser.cross_attention.levels = (2, 3)
+    c.denoiser.cross_attention.heads = 4  # heads per cross-attention block; must divide those levels' channels
+    # The history encoder's channels, one entry per U-Net level (it downsamples like the U-Net; levels below the
+    # deepest cross-attending one are not built). Half the U-Net's: the encoder is the light network.
+    c.denoiser.cross_attention.channels = (32, 32, 32, 32)
     c.denoiser.sigma_distribution = config_dict.ConfigDict()
     c.denoiser.sigma_distribution.loc = -0.4  # training sigma: log sigma ~ N(loc, scale^2)...
     c.denoiser.sigma_distribution.scale = 1.2
@@ -159,6 +180,10 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
     c.world_model_env.sampler.s_tmin = 0.0  # churn only for sigma in [s_tmin, s_tmax]
     c.world_model_env.sampler.s_tmax = float("inf")
     c.world_model_env.sampler.s_noise = 1.0  # scale of the churn noise
+    # Classifier-free guidance weight w (the paper's equation 4): each denoiser call returns
+    # (1 + w) D(x | past frames, actions) - w D(x | null inputs); 0 = plain conditional sampling (no extra
+    # cost). w > 0 needs denoiser.condition_dropout > 0.
+    c.world_model_env.sampler.guidance_scale = 0.0
 
     if presets.debug:
         shrink_for_debug(c)
@@ -186,6 +211,9 @@ def shrink_for_debug(c: config_dict.ConfigDict) -> None:
     c.denoiser.inner_model.depths = (1, 1)
     c.denoiser.inner_model.channels = (8, 8)
     c.denoiser.inner_model.attn_depths = (0, 0)
+    c.denoiser.cross_attention.levels = (0, 1)
+    c.denoiser.cross_attention.heads = 2
+    c.denoiser.cross_attention.channels = (8, 8)
     c.rew_end_model.lstm_dim = 16
     c.rew_end_model.cond_channels = 8
     c.rew_end_model.depths = (1, 1)

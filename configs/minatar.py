@@ -72,6 +72,9 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
     im.depths = (1, 1)  # two U-Net levels, 10 -> 5 (Atari: four levels of 2 blocks, 64 -> 8)
     im.channels = (16, 16)  # Atari: 64
     im.attn_depths = (0, 0)
+    ca = c.denoiser.cross_attention  # used with --config.denoiser.conditioning=cross_attention
+    ca.levels = (0, 1)  # both levels: 10 x 10 and 5 x 5 pixels are cheap to attend over (Atari: (2, 3))
+    ca.channels = (16, 16)  # Atari: 32 per level
     r = c.rew_end_model
     r.lstm_dim = 64  # Atari: 512
     r.cond_channels = 32  # Atari: 128

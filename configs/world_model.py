@@ -77,7 +77,21 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
     # The denoiser: the Atari configuration's model and optimiser (SPEC.md); lr as the official trainer's.
     c.denoiser = _model(4, 256, (64, 64, 64, 64), (0, 0, 0, 0), sigma_offset_noise=0.3, lr=1e-4)
     c.denoiser.training.num_autoregressive_steps = 1  # frames predicted from the model's own output
+    # Conditioning variants, as configs/atari100k.py (README "Conditioning variants"): "frame_stack" (the
+    # paper's main model) or "cross_attention" (the core U-Net cross-attends to a history encoder).
+    c.denoiser.conditioning = "frame_stack"
+    # Masked conditioning: training probability of a row on learned null inputs (the paper: typically 0.2);
+    # it makes the model runnable unconditionally and with guidance (sampler.guidance_scale). 0 = none.
+    c.denoiser.condition_dropout = 0.0
+    c.denoiser.condition_dropout_target = "all"  # what a null row loses: "all" (frames and actions) or "actions"
+    c.denoiser.cross_attention = config_dict.ConfigDict()  # sizes of "cross_attention" (checked only with it)
+    c.denoiser.cross_attention.levels = (2, 3)  # U-Net levels (0 = full resolution) that cross-attend
+    c.denoiser.cross_attention.heads = 4  # heads per cross-attention block; must divide those levels' channels
+    c.denoiser.cross_attention.channels = (32, 32, 32, 32)  # history encoder channels, one per U-Net level
     c.sampler = _sampler(3, 2e-3, 1, 0.0, 0.0, float("inf"), 1.0)  # DIAMOND's: 3 Euler steps
+    # Classifier-free guidance weight w (the paper's equation 4); 0 = plain conditional sampling. w > 0 needs
+    # denoiser.condition_dropout > 0.
+    c.sampler.guidance_scale = 0.0
 
     # The upsampler: the official CS:GO upsampler's shape (one past full-resolution frame, channels
     # 64-64-128-256, attention at the lowest level, offset noise 0.1) with cond_channels 256 instead of 2,048.
@@ -120,6 +134,9 @@ def shrink_for_debug(c: config_dict.ConfigDict) -> None:
         m.training.batch_size = 4
         m.training.lr_warmup_steps = 2
     c.denoiser.inner_model.num_steps_conditioning = 2
+    c.denoiser.cross_attention.levels = (0, 1)
+    c.denoiser.cross_attention.heads = 2
+    c.denoiser.cross_attention.channels = (8, 8)
     c.training.num_steps = 6
     c.training.log_every = 2
     c.training.test_every = 3

@@ -6,6 +6,7 @@ from typing import Any, Optional, Sequence
 
 from ml_collections import config_dict
 
+from diamond_jax.models.conditioning import CONDITION_DROPOUT_TARGETS, CONDITIONINGS
 from diamond_jax.models.precision import DEFAULT_PRECISION, PRECISIONS
 from diamond_jax.models.sizes import ATTN_HEAD_DIM, GN_GROUP_SIZE, num_groups, num_heads
 
@@ -160,6 +161,7 @@ def validate(c: config_dict.ConfigDict) -> None:
               f"must be even (Fourier features) and divisible by num_steps_conditioning "
               f"({im.num_steps_conditioning}, one action embedding each)", "use e.g. 256")
     _check_levels(c, "denoiser.inner_model", im.depths, im.channels, im.attn_depths)
+    check_conditioning(c, "world_model_env.sampler")
     _check_levels(c, "rew_end_model", c.rew_end_model.depths, c.rew_end_model.channels,
                   c.rew_end_model.attn_depths)
     positive_int("rew_end_model.lstm_dim", "rew_end_model.cond_channels", "rew_end_model.training.seq_length")
@@ -209,6 +211,50 @@ def validate(c: config_dict.ConfigDict) -> None:
     if not s.s_tmin <= s.s_tmax:
         fail("world_model_env.sampler.s_tmin", s.s_tmin, f"must be <= s_tmax ({s.s_tmax})",
               "lower s_tmin or raise s_tmax (inf = no upper bound)")
+
+
+def check_conditioning(c: config_dict.ConfigDict, sampler_field: str) -> None:
+    """The denoiser's conditioning variant (config.denoiser) and the guidance of its sampler (`sampler_field`).
+    Configs saved before these fields existed lack them: they are frame-stack models without guidance."""
+    d = c.denoiser
+    conditioning = d.get("conditioning", "frame_stack")
+    if conditioning not in CONDITIONINGS:
+        fail("denoiser.conditioning", conditioning, f"must be one of {', '.join(CONDITIONINGS)}",
+             "use frame_stack (the paper's main model) or cross_attention")
+    dropout = d.get("condition_dropout", 0.0)
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
+        fail("denoiser.condition_dropout", dropout, "must be a probability in [0, 1) (1 would never train the "
+             "conditional model)", "use 0 (no masking) or e.g. 0.2 (the paper's)")
+    target = d.get("condition_dropout_target", "all")
+    if target not in CONDITION_DROPOUT_TARGETS:
+        fail("denoiser.condition_dropout_target", target, f"must be one of {', '.join(CONDITION_DROPOUT_TARGETS)}",
+             "use all (past frames and actions, the paper's) or actions")
+    if conditioning == "cross_attention":
+        ca, channels = d.cross_attention, tuple(d.inner_model.channels)
+        levels = tuple(ca.levels)
+        if (not levels or len(set(levels)) != len(levels)
+                or any(not isinstance(i, int) or not 0 <= i < len(channels) for i in levels)):
+            fail("denoiser.cross_attention.levels", ca.levels, f"must name distinct U-Net levels, integers in "
+                 f"[0, {len(channels)}) (denoiser.inner_model.channels has {len(channels)})", "e.g. (0, 1)")
+        if len(ca.channels) != len(channels):
+            fail("denoiser.cross_attention.channels", ca.channels, f"needs one entry per U-Net level "
+                 f"({len(channels)}, as denoiser.inner_model.channels)", "give it the same length")
+        for i, ch in enumerate(ca.channels[:max(levels) + 1]):
+            check_channels(f"denoiser.cross_attention.channels[{i}]", ch)
+        if not isinstance(ca.heads, int) or isinstance(ca.heads, bool) or ca.heads < 1:
+            fail("denoiser.cross_attention.heads", ca.heads, "must be a positive integer", "use e.g. 4")
+        for i in levels:
+            if channels[i] % ca.heads:
+                fail("denoiser.cross_attention.heads", ca.heads, f"must divide the {channels[i]} channels of "
+                     f"U-Net level {i}, which cross-attends", "use a divisor of those channels")
+    s = _get(c, sampler_field)
+    w = s.get("guidance_scale", 0.0)
+    if not isinstance(w, (int, float)) or isinstance(w, bool) or not (w >= 0 and math.isfinite(w)):
+        fail(f"{sampler_field}.guidance_scale", w, "must be a finite number >= 0", "use 0 (no guidance) or e.g. 1")
+    if w > 0 and dropout == 0:
+        fail(f"{sampler_field}.guidance_scale", w, "classifier-free guidance needs a denoiser trained with masked "
+             "conditioning (denoiser.condition_dropout > 0); this one has no null inputs to guide against",
+             "train with --config.denoiser.condition_dropout=0.2 (the paper's), or sample with guidance_scale 0")
 
 
 def check_channels(field: str, ch: Any) -> None:

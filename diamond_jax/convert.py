@@ -275,10 +275,23 @@ def _write_text_atomically(path: Path, text: str) -> None:
     os.replace(staging, path)
 
 
+def check_official_conditioning(config: config_dict.ConfigDict) -> None:
+    """Official checkpoints hold frame-stack denoisers without null inputs (README "Conditioning variants"):
+    refuses a config of another variant before anything is read."""
+    d = config.denoiser
+    for field, official in (("conditioning", "frame_stack"), ("condition_dropout", 0.0)):
+        if d.get(field, official) != official:
+            raise ConversionError(
+                f"config.denoiser.{field}={d[field]!r}: official checkpoints are frame-stack denoisers trained "
+                f"without condition dropout, which this converter maps onto; it converts no other variant. Fix: "
+                f"--config.denoiser.{field}={official} (the default).")
+
+
 def convert(checkpoint: os.PathLike, workdir: os.PathLike, config: config_dict.ConfigDict,
             game: Optional[str] = None) -> Path:
     """Converts `checkpoint` into <workdir>/agent and <workdir>/config.json; returns the agent directory."""
     path = Path(checkpoint)
+    check_official_conditioning(config)
     state_dict, source = read_official_checkpoint(path)
     num_actions = infer_num_actions(state_dict)
 

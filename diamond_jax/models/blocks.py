@@ -12,6 +12,7 @@ softmaxes and the LSTM state stay float32. With float32 every cast is a no-op.
 import math
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
@@ -141,6 +142,29 @@ class SelfAttention2d(nn.Module):
                         name="out_proj")(y)
 
 
+class CrossAttention2d(nn.Module):
+    """Multi-head attention of every pixel of x [n, h, w, c] to the tokens of a context [n, L, c_context] (the
+    history encoder's activations, models/denoiser.py), softmax in float32. Residual around a zero-initialised
+    output projection, so that a freshly added block leaves the U-Net's computation as it was."""
+
+    heads: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        n, h, w, c = x.shape
+        chex.assert_shape(context, (n, None, None))
+        assert c % self.heads == 0, f"{c} channels do not split into {self.heads} heads"
+        head_dim, length = c // self.heads, context.shape[1]
+        q = Dense(c, dtype=self.dtype, name="q_proj")(GroupNorm(self.dtype, name="norm")(x).reshape(n, h * w, c))
+        kv = Dense(2 * c, dtype=self.dtype, name="kv_proj")(context)
+        q = q.reshape(n, h * w, self.heads, head_dim).transpose(0, 2, 1, 3)
+        k, v = kv.reshape(n, length, 2, self.heads, head_dim).transpose(2, 0, 3, 1, 4)
+        att = jax.nn.softmax((q @ k.swapaxes(-1, -2) / math.sqrt(head_dim)).astype(jnp.float32), axis=-1)
+        y = (att.astype(self.dtype) @ v).transpose(0, 2, 1, 3).reshape(n, h, w, c)
+        return x + Dense(c, zero_init=True, dtype=self.dtype, name="out_proj")(y)
+
+
 class FourierFeatures(nn.Module):
     """Fixed random Fourier features of a scalar per row (a buffer, not a trained parameter), in float32 under
     every policy: the noise level's phase 2 pi c_noise w reaches tens of radians, which bfloat16's 8-bit
@@ -191,71 +215,87 @@ class SmallResBlock(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """AdaGroupNorm -> SiLU -> conv3x3 -> AdaGroupNorm -> SiLU -> conv3x3 (zero-init), residual, attention."""
+    """AdaGroupNorm -> SiLU -> conv3x3 -> AdaGroupNorm -> SiLU -> conv3x3 (zero-init), residual, attention; with
+    a context, then cross-attention to it (`cross_attn_heads` heads)."""
 
     out_channels: int
     attn: bool
     dtype: Dtype = jnp.float32
+    cross_attn_heads: int = 0
 
     @nn.compact
-    def __call__(self, x: jax.Array, cond: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, cond: jax.Array, context: Optional[jax.Array] = None) -> jax.Array:
         dt = self.dtype
         r = x if x.shape[-1] == self.out_channels else Conv(self.out_channels, 1, dtype=dt, name="proj")(x)
         x = Conv(self.out_channels, dtype=dt, name="conv1")(nn.silu(AdaGroupNorm(dt, name="norm1")(x, cond)))
         x = Conv(self.out_channels, kernel_init=nn.initializers.zeros, dtype=dt, name="conv2")(
             nn.silu(AdaGroupNorm(dt, name="norm2")(x, cond)))
         x = x + r
-        return SelfAttention2d(dt, name="attn")(x) if self.attn else x
+        x = SelfAttention2d(dt, name="attn")(x) if self.attn else x
+        return x if context is None else CrossAttention2d(self.cross_attn_heads, dt, name="cross_attn")(x, context)
 
 
 class ResBlocks(nn.Module):
-    """A sequence of ResBlocks; with `to_cat`, each block first concatenates one skip tensor."""
+    """A sequence of ResBlocks; with `to_cat`, each block first concatenates one skip tensor; with a context,
+    each block cross-attends to it."""
 
     out_channels: Sequence[int]
     attn: bool
     dtype: Dtype = jnp.float32
+    cross_attn_heads: int = 0
 
     @nn.compact
-    def __call__(self, x: jax.Array, cond: jax.Array,
-                 to_cat: Optional[Sequence[jax.Array]] = None) -> Tuple[jax.Array, List[jax.Array]]:
+    def __call__(self, x: jax.Array, cond: jax.Array, to_cat: Optional[Sequence[jax.Array]] = None,
+                 context: Optional[jax.Array] = None) -> Tuple[jax.Array, List[jax.Array]]:
         outputs = []
         for i, out_ch in enumerate(self.out_channels):
             if to_cat is not None:
                 x = jnp.concatenate([x, to_cat[i]], axis=-1)
-            x = ResBlock(out_ch, self.attn, self.dtype, name=f"resblocks_{i}")(x, cond)
+            x = ResBlock(out_ch, self.attn, self.dtype, self.cross_attn_heads, name=f"resblocks_{i}")(
+                x, cond, context)
             outputs.append(x)
         return x, outputs
 
 
 class UNet(nn.Module):
-    """The official U-Net: levels of ResBlocks, two attention blocks in the middle, skips at every block."""
+    """The official U-Net: levels of ResBlocks, two attention blocks in the middle, skips at every block.
+
+    `contexts` (the cross-attention variant of models/denoiser.py): one per level, None where the level does
+    not cross-attend; every block of a level that has one (the middle blocks: the last level's) cross-attends to
+    it with `cross_attn_heads` heads. Without contexts, the official U-Net exactly.
+    """
 
     depths: Sequence[int]
     channels: Sequence[int]
     attn_depths: Sequence[int]
     dtype: Dtype = jnp.float32
+    cross_attn_heads: int = 0
 
     @nn.compact
-    def __call__(self, x: jax.Array, cond: jax.Array) -> jax.Array:
-        depths, channels, dt = self.depths, self.channels, self.dtype
+    def __call__(self, x: jax.Array, cond: jax.Array,
+                 contexts: Optional[Sequence[Optional[jax.Array]]] = None) -> jax.Array:
+        depths, channels, dt, heads = self.depths, self.channels, self.dtype, self.cross_attn_heads
         num_down = len(channels) - 1
         assert x.shape[1] % 2 ** num_down == 0 and x.shape[2] % 2 ** num_down == 0, (x.shape, num_down)
+        contexts = [None] * len(depths) if contexts is None else list(contexts)
+        assert len(contexts) == len(depths), (len(contexts), len(depths))
 
         d_outputs = []
         for i, n in enumerate(depths):
             x_down = Downsample(dt, name=f"downsamples_{i}")(x) if i > 0 else x
-            x, block_outputs = ResBlocks([channels[i]] * n, bool(self.attn_depths[i]), dt, name=f"d_blocks_{i}")(
-                x_down, cond)
+            x, block_outputs = ResBlocks([channels[i]] * n, bool(self.attn_depths[i]), dt, heads,
+                                         name=f"d_blocks_{i}")(x_down, cond, context=contexts[i])
             d_outputs.append((x_down, *block_outputs))
 
-        x, _ = ResBlocks([channels[-1]] * 2, True, dt, name="mid_blocks")(x, cond)
+        x, _ = ResBlocks([channels[-1]] * 2, True, dt, heads, name="mid_blocks")(x, cond, context=contexts[-1])
 
         # Up level j mirrors down level i = L-1-j, and ends with the channels of the level above.
         for j, skip in enumerate(reversed(d_outputs)):
             i = len(depths) - 1 - j
             x = Upsample(dt, name=f"upsamples_{j}")(x) if j > 0 else x
             out = [channels[i]] * depths[i] + [channels[max(0, i - 1)]]
-            x, _ = ResBlocks(out, bool(self.attn_depths[i]), dt, name=f"u_blocks_{j}")(x, cond, skip[::-1])
+            x, _ = ResBlocks(out, bool(self.attn_depths[i]), dt, heads, name=f"u_blocks_{j}")(
+                x, cond, skip[::-1], contexts[i])
         return x
 
 

@@ -26,6 +26,9 @@ class SamplerConfig:
     s_tmin: float = 0.0
     s_tmax: float = float("inf")
     s_noise: float = 1.0
+    # Classifier-free guidance weight w (the paper's equation 4) of every denoiser call; 0 = plain conditional
+    # sampling. w > 0 needs a denoiser trained with condition_dropout > 0.
+    guidance_scale: float = 0.0
 
     @classmethod
     def from_config(cls, config) -> "SamplerConfig":
@@ -96,8 +99,9 @@ def sample(denoise: DenoiseFn, key: jax.Array, shape, cfg: SamplerConfig, x_star
 def sample_next_obs(denoiser, variables, key: jax.Array, obs: jax.Array, act: jax.Array, cfg: SamplerConfig,
                     x_start: Optional[jax.Array] = None,
                     return_trajectory: bool = False) -> Union[jax.Array, Tuple[jax.Array, jax.Array]]:
-    """The next frame [b, h, w, c] after past frames obs [b, t, h, w, c] and past actions act [b, t]; x_start
-    and return_trajectory as in `sample`."""
+    """The next frame [b, h, w, c] after past frames obs [b, t, h, w, c] and past actions act [b, t], guided by
+    cfg.guidance_scale; x_start and return_trajectory as in `sample`."""
     b, _, h, w, c = obs.shape
-    return sample(lambda x, sigma: denoiser.denoise(variables, x, sigma, obs, act), key, (b, h, w, c), cfg,
-                  x_start, return_trajectory)
+    return sample(lambda x, sigma: denoiser.denoise(variables, x, sigma, obs, act,
+                                                    guidance_scale=cfg.guidance_scale),
+                  key, (b, h, w, c), cfg, x_start, return_trajectory)

@@ -10,7 +10,7 @@ from typing import Any, Sequence, Tuple
 
 from ml_collections import config_dict
 
-from diamond_jax.config import ConfigError, check_channels, fail
+from diamond_jax.config import ConfigError, check_channels, check_conditioning, fail
 from diamond_jax.models.precision import PRECISIONS
 from diamond_jax.models.sizes import num_heads
 
@@ -58,6 +58,7 @@ def validate(c: config_dict.ConfigDict) -> None:
     for name in ("denoiser", "upsampler"):
         _validate_model(c, name)
         _validate_sampler(c, f"{name}.sampler" if name == "upsampler" else "sampler")
+    check_conditioning(c, "sampler")
     _positive_int(c, "denoiser.training.num_autoregressive_steps", "training.num_steps", "training.log_every",
                   "training.test_every", "training.test_batches", "training.video_rows", "training.video_steps",
                   "checkpoint.every_steps", "checkpoint.keep")
