@@ -2,7 +2,6 @@
 classifier-free guidance (equation 4) and cross-attention to a history encoder, each against an expectation
 computed apart from the code under test."""
 
-import functools
 
 import chex
 import flax.linen as nn

@@ -79,3 +79,27 @@ def test_a_minatar_run_directory_resumes(tmp_path):
     config = minatar.get_config("game=Catch,debug")
     workdir.open_workdir(str(tmp_path), config, lock=False)
     workdir.open_workdir(str(tmp_path), config, lock=False)  # resuming: the same config, accepted
+
+
+@pytest.mark.parametrize("config_file", ["minatar", "world_model"])
+def test_a_run_saved_before_the_conditioning_variants_resumes_but_not_with_one(tmp_path, config_file):
+    """A config.json written before the conditioning fields existed holds a frame-stack denoiser without
+    dropout or guidance: it resumes under today's defaults, and is refused with cross-attention."""
+    from configs import world_model
+    from diamond_jax.training import workdir
+
+    config = (minatar.get_config("game=Catch,debug") if config_file == "minatar"
+              else world_model.get_config("debug"))
+    saved = json.loads(config.to_json_best_effort())
+    for key in ("conditioning", "condition_dropout", "condition_dropout_target", "cross_attention"):
+        del saved["denoiser"][key]
+    del (saved["world_model_env"] if config_file == "minatar" else saved)["sampler"]["guidance_scale"]
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(saved, f)
+    workdir.open_workdir(str(tmp_path), config, lock=False)
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(saved, f)
+    other = config.unlock()
+    other.denoiser.conditioning = "cross_attention"
+    with pytest.raises(ValueError, match="denoiser.conditioning: 'frame_stack' -> 'cross_attention'"):
+        workdir.open_workdir(str(tmp_path), other.lock(), lock=False)

@@ -28,8 +28,14 @@ RESUMABLE_CHANGES = ("num_devices", "checkpoint.", "training.steps_per_call", "t
 # Fields that later versions added, with the value that computes what runs saved before them computed: a saved
 # config without the field resumes under that value.
 # (Runs of the first release ended an episode at every decrease of the life counter.)
+# A value of INERT marks a field that computes nothing in a run saved before it (the cross-attention sizes of a
+# frame-stack denoiser): whatever the current config says is accepted.
+INERT = object()
 ADDED_FIELDS = {"env.backend": "envpool", "training.phase_loop": "auto", "collection.test.temperature": 1.0,
-                "env.life_loss_rule": "every_decrease", "precision": "float32"}
+                "env.life_loss_rule": "every_decrease", "precision": "float32",
+                "denoiser.conditioning": "frame_stack", "denoiser.condition_dropout": 0.0,
+                "denoiser.condition_dropout_target": "all", "denoiser.cross_attention.": INERT,
+                "world_model_env.sampler.guidance_scale": 0.0, "sampler.guidance_scale": 0.0}
 
 
 class WorkdirInUse(OSError):
@@ -148,9 +154,10 @@ def _check_config(workdir: str, config: config_dict.ConfigDict) -> None:
     if os.path.exists(path):
         with open(path) as f:
             saved = flatten(json.load(f))
-        for field, value in ADDED_FIELDS.items():
-            if field in current:  # a field of this config's kind (MinAtar's have no life-loss rule)
-                saved.setdefault(field, value)
+        for pattern, value in ADDED_FIELDS.items():
+            # Only fields of this config's kind (MinAtar's have no life-loss rule, world models no RL sampler).
+            for field in (f for f in current if matches(f, pattern)):
+                saved.setdefault(field, current[field] if value is INERT else value)
         changes = config_changes(saved, current)
         refused = [k for k in changes if not resumable(k)]
         if refused:
