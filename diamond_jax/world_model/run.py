@@ -8,7 +8,7 @@ from typing import Any, Dict, NamedTuple
 import jax
 from ml_collections import config_dict
 
-from diamond_jax.training import steps
+from diamond_jax.training import parallel, steps
 from diamond_jax.training.checkpoint import RunCheckpointer
 from diamond_jax.world_model.model import Variables, WorldModel
 
@@ -52,7 +52,10 @@ def load_run(workdir: str) -> LoadedRun:
         dataset = json.load(f)
     model = WorldModel.from_config(config, dataset["action"]["size"], tuple(dataset["frame_shape"]))
     optimizers = {n: steps.optimizer_from_config(config[n]) for n in model_names(config)}
-    abstract = jax.eval_shape(lambda: fresh_state(model, optimizers, config.seed))
+    # Onto this process's devices, whichever devices the run saved from (orbax needs the target's shardings then).
+    replicated = parallel.replicated(parallel.make_mesh())
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+                            jax.eval_shape(lambda: fresh_state(model, optimizers, config.seed)))
     checkpointer = RunCheckpointer(paths[CHECKPOINTS], keep=config.checkpoint.keep)
     try:
         restored = checkpointer.restore_latest(abstract)
