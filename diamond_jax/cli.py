@@ -1,5 +1,5 @@
 """What the entry points that train (main, world_model) share: flag parsing that reports config errors in one
-line, the log above the progress bars, the platform check and the full-disk report."""
+line, the log above the progress bars, the platform check, and running a trainer to its exit status."""
 
 import os
 import re
@@ -8,7 +8,7 @@ import sys
 
 from absl import flags, logging
 
-from diamond_jax.exit_codes import EXIT_BAD_INPUT
+from diamond_jax.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PREEMPTED
 
 
 def setup_logging() -> None:
@@ -95,3 +95,31 @@ def report_disk_full(error: OSError, workdir: str) -> None:
     print(f"error: no space left on the device writing {path} ({free / 2 ** 20:.1f} MiB free on its file system). "
           "The run stopped; its last complete checkpoint is kept. Fix: free some space there, or move --workdir "
           "to a larger disk, then run the same command to resume.", file=sys.stderr)
+
+
+def run_trainer(trainer, workdir: str):
+    """trainer.run()'s results, or the exit status of how it stopped: 75 after a stop that saved (SIGTERM, a first
+    Ctrl-C), 1 for a non-finite loss or a full disk (reported in one line), 130 for a second Ctrl-C."""
+    from diamond_jax.training.checkpoint import disk_full
+    from diamond_jax.training.loop import NonFiniteLoss, Preempted
+
+    try:
+        return trainer.run()
+    except Preempted as stop:
+        logging.warning("Pre-empted: %s. Run the same command to resume.", stop)
+        sys.exit(EXIT_PREEMPTED)
+    except NonFiniteLoss as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(EXIT_FAILED)
+    except KeyboardInterrupt:  # a second Ctrl-C: the user asked to quit without saving
+        print("Quit without saving: run the same command to resume from the last checkpoint.", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as error:
+        full = disk_full(error)
+        if full is None:
+            raise
+        report_disk_full(full, os.path.abspath(workdir))
+        # Without space, every writer still open fails again at exit (TensorBoard's, orbax's pending tasks),
+        # each with a traceback that would bury the line above; there is nothing left to save.
+        sys.stderr.flush()
+        os._exit(1)

@@ -16,7 +16,7 @@ from ml_collections import config_flags
 
 from diamond_jax import cli
 from diamond_jax.config import CPU_DEVICES_HELP
-from diamond_jax.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PREEMPTED
+from diamond_jax.exit_codes import EXIT_BAD_INPUT
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, with presets after ':' (game=<Name>, debug), e.g. configs/atari100k.py:game=Pong. "
@@ -41,8 +41,7 @@ def main(argv) -> None:
     from diamond_jax import config as config_lib
     from diamond_jax import envs
     from diamond_jax.training import parallel
-    from diamond_jax.training.checkpoint import disk_full
-    from diamond_jax.training.loop import NonFiniteLoss, Preempted, Trainer
+    from diamond_jax.training.loop import Trainer
 
     parallel.use_cpu_devices(_CPU_DEVICES.value)
     try:
@@ -63,26 +62,7 @@ def main(argv) -> None:
     devices = trainer.mesh.devices.flat
     logging.info("This run uses %d of the %d %s device(s) JAX sees: %s", trainer.mesh.size, len(jax.devices()),
                  devices[0].platform, ", ".join(map(str, devices)))
-    try:
-        results = trainer.run()
-    except Preempted as stop:
-        logging.warning("Pre-empted: %s. Run the same command to resume.", stop)
-        sys.exit(EXIT_PREEMPTED)
-    except NonFiniteLoss as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(EXIT_FAILED)
-    except KeyboardInterrupt:  # a second Ctrl-C: the user asked to quit without saving
-        print("Quit without saving: run the same command to resume from the last checkpoint.", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
-    except Exception as error:
-        full = disk_full(error)
-        if full is None:
-            raise
-        cli.report_disk_full(full, os.path.abspath(_WORKDIR.value))
-        # Without space, every writer still open fails again at exit (TensorBoard's, orbax's pending tasks),
-        # each with a traceback that would bury the line above; there is nothing left to save.
-        sys.stderr.flush()
-        os._exit(1)
+    results = cli.run_trainer(trainer, _WORKDIR.value)
     # Only an Atari run has a paper to differ from; a MinAtar run's config is its own benchmark's.
     differ = results.get("differs_from_paper", []) if "human_normalized_score" in results else []
     score = ("human-normalised score" if "human_normalized_score" in results else "return above the random "

@@ -292,8 +292,9 @@ def test_the_command_lines_train_and_evaluate_and_refuse_bad_input(continuous, t
     bad = subprocess.run(train, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "error: config.action_kind='discrete' but" in bad.stderr
     assert "Traceback" not in bad.stderr
-    done = subprocess.run(train + ["--config.action_kind=continuous"], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+    # Trained on 2 devices, evaluated on the 1 of a plain process: the checkpoint is restored onto it.
+    done = subprocess.run(train + ["--config.action_kind=continuous", "--cpu_devices=2"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     out = str(tmp_path / "eval")
     evaluation = subprocess.run([sys.executable, "-m", "diamond_jax.world_model_eval", f"--workdir={workdir}",

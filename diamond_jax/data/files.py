@@ -54,7 +54,7 @@ def remove_unreferenced(frames_dir: str, file_ids: np.ndarray) -> None:
             os.remove(os.path.join(frames_dir, name))
 
 
-def _fsync_dir(directory: str) -> None:
+def fsync_dir(directory: str) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -77,9 +77,9 @@ def write_index_atomic(path: str, arrays: Dict[str, np.ndarray]) -> None:
         np.savez(f, **arrays)
         f.flush()
         os.fsync(f.fileno())
-    _fsync_dir(os.path.join(os.path.dirname(path), FRAMES_DIR))  # the chunk files it references are durable
+    fsync_dir(os.path.join(os.path.dirname(path), FRAMES_DIR))  # the chunk files it references are durable
     os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path))
+    fsync_dir(os.path.dirname(path))
 
 
 def read_index(path: str) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:

@@ -103,14 +103,6 @@ def _crc(array: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(array).tobytes())
 
 
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class RecordedDataset:
     """A committed dataset, opened read-only: step data in memory, frames memory-mapped on first use."""
 
@@ -343,8 +335,8 @@ class DatasetWriter:
             json.dump(meta, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(os.path.join(self._tmp, EPISODES_DIR))
-        _fsync_dir(self._tmp)
+        files.fsync_dir(os.path.join(self._tmp, EPISODES_DIR))
+        files.fsync_dir(self._tmp)
         self._put_in_place()
         return RecordedDataset.open(self.path)
 
@@ -359,7 +351,7 @@ class DatasetWriter:
             os.replace(self.path, os.path.join(old, name))
         os.replace(self._tmp, self.path)
         self._tmp = None
-        _fsync_dir(parent)
+        files.fsync_dir(parent)
         if old is not None:
             shutil.rmtree(old)
 

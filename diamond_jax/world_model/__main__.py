@@ -16,7 +16,7 @@ from ml_collections import config_flags
 
 from diamond_jax import cli
 from diamond_jax.config import CPU_DEVICES_HELP
-from diamond_jax.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PREEMPTED
+from diamond_jax.exit_codes import EXIT_BAD_INPUT
 
 CONFIG_FILE = "configs/world_model.py"
 _CONFIG = config_flags.DEFINE_config_file(
@@ -44,8 +44,6 @@ def main(argv) -> None:
     from diamond_jax.config import ConfigError
     from diamond_jax.data.recorded import DatasetError
     from diamond_jax.training import parallel
-    from diamond_jax.training.checkpoint import disk_full
-    from diamond_jax.training.loop import NonFiniteLoss, Preempted
     from diamond_jax.world_model import config as wm_config
     from diamond_jax.world_model.train import WorldModelTrainer
 
@@ -62,24 +60,7 @@ def main(argv) -> None:
                  trainer.dataset.path, len(trainer.dataset.episode_ids("train")),
                  len(trainer.dataset.episode_ids("test")), trainer.dataset.frame_shape, trainer.dataset.action.kind,
                  trainer.mesh.size, jax.devices()[0].platform)
-    try:
-        results = trainer.run()
-    except Preempted as stop:
-        logging.warning("Pre-empted: %s. Run the same command to resume.", stop)
-        sys.exit(EXIT_PREEMPTED)
-    except NonFiniteLoss as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(EXIT_FAILED)
-    except KeyboardInterrupt:
-        print("Quit without saving: run the same command to resume from the last checkpoint.", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
-    except Exception as error:
-        full = disk_full(error)
-        if full is None:
-            raise
-        cli.report_disk_full(full, os.path.abspath(_WORKDIR.value))
-        sys.stderr.flush()
-        os._exit(1)
+    results = cli.run_trainer(trainer, _WORKDIR.value)
     logging.info("Done: %d updates, test losses %s (%s)", results["steps"], results["test_loss"],
                  os.path.join(_WORKDIR.value, "results.json"))
 
