@@ -90,7 +90,9 @@ def run() -> RecordedDataset:
 
     _required(src=_SRC.value, out=_OUT.value)
     if _IMPORT_FROM.value == "replay":
-        return importers.import_replay(_SRC.value, _OUT.value, **common)
+        from diamond_jax.envs.record import import_replay
+
+        return import_replay(_SRC.value, _OUT.value, **common)
     read = importers.import_videos if _IMPORT_FROM.value == "videos" else importers.import_npz
     return read(_SRC.value, _OUT.value, _ACTION_KIND.value, **common)
 

@@ -15,6 +15,7 @@ from configs import atari100k
 from diamond_jax.data import importers
 from diamond_jax.data.recorded import ActionSpec, DatasetError, DatasetWriter, RecordedDataset
 from diamond_jax.data.replay import ReplayDataset
+from diamond_jax.envs import record as record_mod
 from diamond_jax.envs.record import record
 
 H, W = 6, 5
@@ -340,14 +341,14 @@ def test_the_replay_of_a_run(tmp_path):
                   np.zeros(2, bool), frames(1, 3)[2])
     replay.save(str(workdir / "replay"))
     (workdir / "config.json").write_text(atari100k.get_config("game=Pong,debug").to_json_best_effort())
-    ds = importers.import_replay(str(workdir), str(tmp_path / "ds"), test_fraction=0.0)
+    ds = record_mod.import_replay(str(workdir), str(tmp_path / "ds"), test_fraction=0.0)
     assert ds.action == ActionSpec("discrete", 6, PONG_ACTIONS) and ds.fps == 15.0  # 60 frames/s, frame skip 4
     ep0, ep1 = ds.episode(0), ds.episode(1)
     assert np.array_equal(ep0.obs, frames(0, 3)) and ep0.act.tolist() == [1, 5, 2]
     assert ep0.rew.tolist() == [0, 1, 0] and ep0.end.tolist() == [False, False, True]
     assert np.array_equal(ep1.obs, frames(1, 2)) and ep1.act.tolist() == [3, 0] and ep1.rew.tolist() == [-1, 0]
     with pytest.raises(DatasetError, match="has no config.json"):
-        importers.import_replay(str(tmp_path / "src_missing"), str(tmp_path / "ds2"))
+        record_mod.import_replay(str(tmp_path / "src_missing"), str(tmp_path / "ds2"))
 
 
 # ---- Recording Atari.

@@ -1,5 +1,6 @@
 """Importers of recorded play into a dataset (data/recorded.py), each a function returning the committed
-dataset: a folder of videos with an actions file each, a folder of .npz episodes, a training run's replay.
+dataset: a folder of videos with an actions file each, a folder of .npz episodes (a training run's replay:
+envs/record.py, which knows the run's game).
 
 Videos: `<stem>.mp4|avi|mkv|webm|gif`, read with imageio, and beside each its actions, `<stem>.csv` or
 `<stem>.npy`, one row per frame (act[t] is the action taken on frame t). A CSV file has a header row; its
@@ -23,18 +24,14 @@ checked against `action_kind` when given.
 """
 
 import csv
-import json
 import os
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import imageio.v3 as iio
 import numpy as np
-from ml_collections import config_dict
 from tqdm import tqdm
 
-from diamond_jax import envs
 from diamond_jax.data.recorded import ACTION_KINDS, ActionSpec, DatasetError, DatasetWriter, RecordedDataset
-from diamond_jax.data.replay import ReplayDataset
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".gif")
 STEP_COLUMNS = ("rew", "end")
@@ -54,7 +51,7 @@ class ActionLog(NamedTuple):
     end: Optional[np.ndarray]
 
 
-def _progress(items: Sequence, desc: str):
+def progress(items: Sequence, desc: str):
     return tqdm(items, desc=desc, unit="episode", dynamic_ncols=True, leave=False)
 
 
@@ -241,7 +238,7 @@ def import_videos(src: str, out: str, action_kind: Optional[str] = None, test_fr
     rates = {video_fps(video) for video in videos}
     fps = rates.pop() if len(rates) == 1 else None  # videos of different (or unknown) rates: unknown
     with DatasetWriter(out, spec, fps, test_fraction, seed, f"videos in {os.path.abspath(src)}", overwrite) as writer:
-        for video, log in zip(_progress(videos, "importing videos"), logs):
+        for video, log in zip(progress(videos, "importing videos"), logs):
             frames = read_video(video)
             if len(frames) != len(log.values):
                 raise DatasetError(f"the video {video} has {len(frames)} frames but its actions file {log.path} has "
@@ -282,49 +279,10 @@ def import_npz(src: str, out: str, action_kind: Optional[str] = None, test_fract
     spec, sizes = action_spec(logs, action_kind), key_sizes(logs)
     with DatasetWriter(out, spec, None, test_fraction, seed, f".npz episodes in {os.path.abspath(src)}",
                        overwrite) as writer:
-        for path, log in zip(_progress(paths, "importing .npz episodes"), logs):
+        for path, log in zip(progress(paths, "importing .npz episodes"), logs):
             with np.load(path, allow_pickle=False) as f:
                 writer.add_episode(f["obs"], actions_of(log, sizes), log.rew, log.end, name=os.path.basename(path))
         return writer.commit()
-
-
-# ---- A run's replay.
-
-
-def import_replay(workdir: str, out: str, test_fraction: float = 0.1, seed: int = 0,
-                  overwrite: bool = False) -> RecordedDataset:
-    """The episodes of a training run's replay dataset (read without changing it, also while the run goes on),
-    with the game's action names. An episode of L steps has L + 1 frames in the replay; the last one, which no
-    action follows, is left out (as a video's frame after its last action row would be). Episodes cut by a
-    time limit or still in progress simply have no end."""
-    config = _run_config(workdir)
-    try:
-        replay = ReplayDataset.load(os.path.join(workdir, "replay"), read_only=True)
-    except (FileNotFoundError, ValueError) as error:
-        raise DatasetError(f"{error}. --src must be a training run's directory (it holds replay/).") from error
-    spec = ActionSpec("discrete", envs.num_actions(config), envs.action_names(config))
-    if replay.num_steps == 0:
-        raise DatasetError(f"the replay of {workdir} holds no step yet. Fix: run the training longer.")
-    source = f"replay of {os.path.abspath(workdir)} ({config.game})"
-    with DatasetWriter(out, spec, envs.steps_per_second(config), test_fraction, seed, source, overwrite) as writer:
-        for e in _progress(range(replay.num_episodes), "importing the replay"):
-            ep = replay.episode(e)
-            steps = len(ep["act"])
-            if steps:  # an episode just started has its first frame only, and no action yet
-                writer.add_episode(ep["obs"][:steps], ep["act"], ep["rew"], ep["end"], name=f"replay episode {e}")
-        return writer.commit()
-
-
-def _run_config(workdir: str) -> config_dict.ConfigDict:
-    path = os.path.join(workdir, "config.json")
-    try:
-        with open(path) as f:
-            return config_dict.ConfigDict(json.load(f))
-    except FileNotFoundError:
-        raise DatasetError(f"{workdir} has no config.json. Fix: --src must be a training run's directory (it holds "
-                           "config.json and replay/).") from None
-    except ValueError as error:
-        raise DatasetError(f"{path} is not readable JSON ({error}).") from error
 
 
 def _check_kind(action_kind: Optional[str]) -> None:
