@@ -254,19 +254,28 @@ def test_the_config_is_held_against_the_dataset(pong, tmp_path):
     assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
 
 
-def test_one_update_on_two_devices_equals_one_on_one(continuous, tmp_path):
-    config = wm_config(action_kind="continuous", **{"training.num_steps": 1, "checkpoint.every_steps": 100})
-    states = []
-    for i, mesh in enumerate((one_device_mesh(), parallel.make_mesh(devices=jax.devices()[:2]))):
-        trainer = WorldModelTrainer(config, continuous.path, str(tmp_path / str(i)), mesh=mesh)
+@pytest.fixture(scope="module")
+def continuous_runs(continuous, tmp_path_factory):
+    """Workdirs and models of one update of both models on continuous actions, on 1 and on 2 devices."""
+    config = wm_config("upsampler", action_kind="continuous", **{"training.num_steps": 1})
+    runs = []
+    for mesh in (one_device_mesh(), parallel.make_mesh(devices=jax.devices()[:2])):
+        workdir = str(tmp_path_factory.mktemp(f"continuous_{mesh.size}"))
+        trainer = WorldModelTrainer(config, continuous.path, workdir, mesh=mesh)
         trainer.run()
-        states.append(jax.device_get(trainer.state["denoiser"].params))
-    chex.assert_trees_all_close(states[0], states[1], rtol=1e-4, atol=1e-6)
+        runs.append((workdir, jax.device_get({n: s.params for n, s in trainer.state.items()})))
+    return runs
+
+
+def test_one_update_on_two_devices_equals_one_on_one(continuous_runs):
+    (_, one), (_, two) = continuous_runs
+    assert set(one) == {"denoiser", "upsampler"}
+    chex.assert_trees_all_close(one, two, rtol=1e-4, atol=1e-6)
 
 
 def test_the_evaluation_scores_drawn_frames_against_the_real_ones(pong, pong_run):
     run = load_run(pong_run[0])
-    options = evaluate.EvalOptions(num_segments=3, horizons=(1, 2, 50), batch_size=2, timing_calls=2)
+    options = evaluate.EvalOptions(num_segments=4, horizons=(1, 2, 50), batch_size=2, timing_calls=2)
     evaluator = evaluate.Evaluator(run, pong, metrics.MetricWeights.load(), options)
     results = evaluator.run()
     n = run.model.num_steps_conditioning
@@ -275,7 +284,7 @@ def test_the_evaluation_scores_drawn_frames_against_the_real_ones(pong, pong_run
                                                                                                  "full": None}
     for level, shape in (("low", (16, 16)), ("full", PONG_FULL)):
         real, drawn = evaluator.real[level], evaluator.drawn[level]
-        assert drawn.shape == (3, 2, *shape, 3) and real.shape == (3, n + 2, *shape, 3)
+        assert drawn.shape == (4, 2, *shape, 3) and real.shape == (4, n + 2, *shape, 3)
         for i, h in enumerate(results["horizons"]):
             err = (real[:, n + h - 1].astype(np.float64) - drawn[:, h - 1]) ** 2
             psnr = 10 * np.log10(255 ** 2 / err.mean(axis=(1, 2, 3)))
@@ -285,23 +294,21 @@ def test_the_evaluation_scores_drawn_frames_against_the_real_ones(pong, pong_run
     assert all(v > 0 for v in results["sampling"].values())
 
 
-def test_the_command_lines_train_and_evaluate_and_refuse_bad_input(continuous, tmp_path):
-    workdir = str(tmp_path / "run")
-    train = [sys.executable, "-m", "diamond_jax.world_model", "--config=configs/world_model.py:upsampler,debug",
-             f"--dataset={continuous.path}", f"--workdir={workdir}"]
-    bad = subprocess.run(train, cwd=REPO, capture_output=True, text=True, timeout=300)
+def test_the_command_lines_evaluate_and_refuse_bad_input(continuous, continuous_runs, tmp_path):
+    bad = subprocess.run([sys.executable, "-m", "diamond_jax.world_model", "--config=configs/world_model.py:debug",
+                          f"--dataset={continuous.path}", f"--workdir={tmp_path / 'run'}"], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "error: config.action_kind='discrete' but" in bad.stderr
-    assert "Traceback" not in bad.stderr
+    assert "Traceback" not in bad.stderr and not os.path.exists(tmp_path / "run")
     # Trained on 2 devices, evaluated on the 1 of a plain process: the checkpoint is restored onto it.
-    done = subprocess.run(train + ["--config.action_kind=continuous", "--cpu_devices=2"], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
     out = str(tmp_path / "eval")
-    evaluation = subprocess.run([sys.executable, "-m", "diamond_jax.world_model_eval", f"--workdir={workdir}",
-                                 f"--out={out}", "--num_segments=2", "--horizons=1,3"], cwd=REPO,
-                                capture_output=True, text=True, timeout=300)
+    evaluation = subprocess.run([sys.executable, "-m", "diamond_jax.world_model_eval",
+                                 f"--workdir={continuous_runs[1][0]}", f"--out={out}", "--num_segments=2",
+                                 "--horizons=1,3"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert evaluation.returncode == 0, evaluation.stderr[-2000:]
     assert sorted(os.listdir(out)) == ["eval.json", "horizons.png", "rollouts.png"]
+    with open(os.path.join(out, "eval.json")) as f:
+        assert json.load(f)["resolution"] == {"low": [16, 16], "full": [24, 20]}
     assert "LPIPS skipped" in evaluation.stdout
     missing = subprocess.run([sys.executable, "-m", "diamond_jax.world_model_eval", f"--workdir={tmp_path}"],
                              cwd=REPO, capture_output=True, text=True, timeout=300)
