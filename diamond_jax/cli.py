@@ -11,6 +11,26 @@ from absl import flags, logging
 from diamond_jax.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PREEMPTED
 
 
+def define_device_flags():
+    """--platform and --cpu_devices, the flags of the entry points that train; returns their holders."""
+    from diamond_jax.config import CPU_DEVICES_HELP
+
+    platform = flags.DEFINE_enum("platform", None, ["cpu", "cuda", "rocm", "tpu"],
+                                 "Platform for JAX (default: the best one available).")
+    return platform, flags.DEFINE_integer("cpu_devices", None, CPU_DEVICES_HELP, lower_bound=1)
+
+
+def start(argv, platform: "flags.FlagHolder") -> None:
+    """Before JAX starts: refuses positional arguments, puts the log above the bars and picks the platform."""
+    if len(argv) > 1:
+        print(f"error: unexpected argument(s) {' '.join(argv[1:])}. Flags take the form --name=value; pass --help "
+              "to see them.", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    setup_logging()
+    if platform.value:
+        os.environ["JAX_PLATFORMS"] = platform.value
+
+
 def setup_logging() -> None:
     """absl's log above tqdm's bars, without orbax's INFO lines."""
     logging.get_absl_handler().addFilter(quiet_orbax)

@@ -15,7 +15,6 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from diamond_jax import cli
-from diamond_jax.config import CPU_DEVICES_HELP
 from diamond_jax.exit_codes import EXIT_BAD_INPUT
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -24,17 +23,10 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory: config snapshot, checkpoints, replay data, TensorBoard logs, evaluations and "
     "results.json. A directory that holds a run is resumed.")
-_PLATFORM = flags.DEFINE_enum(
-    "platform", None, ["cpu", "cuda", "rocm", "tpu"], "Platform for JAX (default: the best one available).")
-_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", None, CPU_DEVICES_HELP, lower_bound=1)
+_PLATFORM, _CPU_DEVICES = cli.define_device_flags()
+flags.adopt_module_key_flags(cli)  # --help lists them with this module's own flags
 def main(argv) -> None:
-    if len(argv) > 1:
-        print(f"error: unexpected argument(s) {' '.join(argv[1:])}. Flags take the form --name=value; pass --help "
-              "to see them.", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
-    cli.setup_logging()
-    if _PLATFORM.value:
-        os.environ["JAX_PLATFORMS"] = _PLATFORM.value
+    cli.start(argv, _PLATFORM)
     # Imported here so that the platform choice above is made before JAX starts.
     import jax
 

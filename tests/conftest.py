@@ -21,6 +21,18 @@ from configs import atari100k  # noqa: E402
 from diamond_jax.agent import Agent  # noqa: E402
 
 
+def with_fields(config, **fields):
+    """The config with the given fields set, locked again: with_fields(c, **{"denoiser.optimizer.lr": 1e-3})."""
+    config = config.unlock()
+    for field, value in fields.items():
+        *parents, leaf = field.split(".")
+        section = config
+        for p in parents:
+            section = section[p]
+        section[leaf] = value
+    return config.lock()
+
+
 @pytest.fixture(scope="session")
 def debug_config():
     return atari100k.get_config("debug")

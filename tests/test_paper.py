@@ -1,18 +1,12 @@
 """Whether a config is the paper's: the fields that differ from configs/atari100k.py for the game."""
 
 from configs import atari100k
+from conftest import with_fields
 from diamond_jax.training import paper
 
 
 def changed(preset="game=Pong", **fields):
-    config = atari100k.get_config(preset).unlock()
-    for field, value in fields.items():
-        *parents, leaf = field.split(".")
-        section = config
-        for p in parents:
-            section = section[p]
-        section[leaf] = value
-    return config.lock()
+    return with_fields(atari100k.get_config(preset), **fields)
 
 
 def test_the_paper_config_of_any_game_with_any_seed_and_bookkeeping_is_the_papers():

@@ -19,6 +19,7 @@ import pytest
 from tensorboardX.proto import event_pb2
 
 from configs import atari100k
+from conftest import with_fields
 from diamond_jax.data.replay import ReplayDataset
 from diamond_jax.training import loop
 from diamond_jax.training.agent_checkpoint import load_agent
@@ -27,14 +28,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def debug_config(**overrides):
-    config = atari100k.get_config("debug").unlock()
-    for field, value in overrides.items():
-        *parents, leaf = field.split(".")
-        section = config
-        for p in parents:
-            section = section[p]
-        section[leaf] = value
-    return config.lock()
+    return with_fields(atari100k.get_config("debug"), **overrides)
 
 
 def final_state(workdir):

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from configs import atari100k, world_model as wm_configs
+from conftest import with_fields
 from diamond_jax.config import ConfigError
 from diamond_jax.data.importers import import_npz
 from diamond_jax.data.recorded import ActionSpec, DatasetWriter
@@ -32,14 +33,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def wm_config(*presets, **overrides):
-    config = wm_configs.get_config(",".join(("debug",) + presets)).unlock()
-    for field, value in overrides.items():
-        *parents, leaf = field.split(".")
-        section = config
-        for p in parents:
-            section = section[p]
-        section[leaf] = value
-    return config.lock()
+    return with_fields(wm_configs.get_config(",".join(("debug",) + presets)), **overrides)
 
 
 def one_device_mesh():
