@@ -8,7 +8,7 @@ from ml_collections import config_dict
 
 from diamond_jax.models.conditioning import CONDITION_DROPOUT_TARGETS, CONDITIONINGS
 from diamond_jax.models.precision import DEFAULT_PRECISION, PRECISIONS
-from diamond_jax.models.sizes import ATTN_HEAD_DIM, GN_GROUP_SIZE, num_groups, num_heads
+from diamond_jax.models.sizes import ATTN_HEAD_DIM, GN_GROUP_SIZE, cond_channels_for, num_groups, num_heads
 
 # How a compiled training call loops over its updates (training.phases.use_scan).
 PHASE_LOOPS = ("auto", "scan", "python")
@@ -159,7 +159,8 @@ def validate(c: config_dict.ConfigDict) -> None:
     if im.cond_channels % 2 or im.cond_channels % im.num_steps_conditioning:
         fail("denoiser.inner_model.cond_channels", im.cond_channels,
               f"must be even (Fourier features) and divisible by num_steps_conditioning "
-              f"({im.num_steps_conditioning}, one action embedding each)", "use e.g. 256")
+              f"({im.num_steps_conditioning}, one action embedding each)",
+             f"use e.g. {cond_channels_for(im.cond_channels, im.num_steps_conditioning)}")
     _check_levels(c, "denoiser.inner_model", im.depths, im.channels, im.attn_depths)
     check_conditioning(c, "world_model_env.sampler")
     _check_levels(c, "rew_end_model", c.rew_end_model.depths, c.rew_end_model.channels,

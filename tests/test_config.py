@@ -104,7 +104,9 @@ def test_an_unknown_game_is_the_environments_to_refuse():
     ("denoiser.inner_model.channels", (64, 64, 64), "need one entry per level"),
     ("denoiser.inner_model.channels", (64, 65, 64, 64), "channels\\[1\\]=65: must be divisible by its 2 GroupNorm"),
     ("env.size", 60, "env.size=60: must be divisible by 2\\^3"),
-    ("denoiser.inner_model.cond_channels", 254, "divisible by num_steps_conditioning"),
+    ("denoiser.inner_model.cond_channels", 254, "divisible by num_steps_conditioning.*use e.g. 256"),
+    # 256 does not split into 10 action embeddings: the fix is the next multiple of 10 (and of 2), 260.
+    ("denoiser.inner_model.num_steps_conditioning", 10, "cond_channels=256: .*use e.g. 260"),
     ("collection.train.first_epoch.min", 20_000, "min <= max <= num_steps_total"),
     ("collection.train.num_steps_total", 100_050, "multiple of collection.train.steps_per_epoch"),
 ])

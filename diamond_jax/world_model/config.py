@@ -12,7 +12,7 @@ from ml_collections import config_dict
 
 from diamond_jax.config import ConfigError, check_channels, check_conditioning, fail
 from diamond_jax.models.precision import PRECISIONS
-from diamond_jax.models.sizes import num_heads
+from diamond_jax.models.sizes import cond_channels_for, num_heads
 
 ACTION_KINDS = ("discrete", "multi_hot", "continuous")
 CONFIG_FILE = "configs/world_model.py"
@@ -101,10 +101,11 @@ def _validate_model(c: config_dict.ConfigDict, name: str) -> None:
         fail(f"{name}.sigma_distribution.sigma_min", m.sigma_distribution.sigma_min,
              f"must be < sigma_max ({m.sigma_distribution.sigma_max})", "swap or change the two values")
     n = im.num_steps_conditioning
-    if im.cond_channels % 2 or (name == "denoiser" and im.cond_channels % n):
+    per_action = n if name == "denoiser" else 1  # the upsampler has no actions
+    if im.cond_channels % 2 or im.cond_channels % per_action:
         fail(f"{name}.inner_model.cond_channels", im.cond_channels, "must be even (Fourier features)"
              + (f" and divisible by num_steps_conditioning ({n}, one action embedding each)"
-                if name == "denoiser" else ""), "use e.g. 256")
+                if name == "denoiser" else ""), f"use e.g. {cond_channels_for(im.cond_channels, per_action)}")
     if not (len(im.depths) == len(im.channels) == len(im.attn_depths)) or not im.depths:
         fail(f"{name}.inner_model.depths", im.depths, "depths, channels and attn_depths need one entry per "
              "level, same length", "give the three the same length")
