@@ -159,6 +159,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--dataset", default=None,
                         help="world-model runs: the dataset's path, where it moved since training (default: the "
                              "path the run recorded)")
+    parser.add_argument("--guidance_scale", type=float, default=None,
+                        help="world-model runs: classifier-free guidance weight w of the sampler (default: the run's "
+                             "sampler.guidance_scale); w > 0 needs a model trained with denoiser.condition_dropout > 0")
+    parser.add_argument("--unconditional", action="store_true",
+                        help="world-model runs: draw every frame on the denoiser's null inputs (a model trained with "
+                             "condition_dropout > 0): with condition_dropout_target=actions an action-free video "
+                             "model, with 'all' frames drawn from no context")
     args = parser.parse_args(argv)
     for name in ("steps", "rows", "fps", "scale"):
         if getattr(args, name) <= 0:
@@ -171,10 +178,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     try:
         if watch.is_world_model_run(args.workdir):
             result = watch.dream(args.workdir, args.steps, args.out, args.format, args.seed, args.rows, args.fps,
-                                 args.scale, args.actions or watch.EPISODE, args.dataset)
+                                 args.scale, args.actions or watch.EPISODE, args.dataset,
+                                 watch.Sampling(args.guidance_scale, args.unconditional))
         else:
-            for name in ("actions", "dataset"):
-                if getattr(args, name) is not None:
+            for name in ("actions", "dataset", "guidance_scale", "unconditional"):
+                if getattr(args, name) not in (None, False):
                     raise UsageError(f"--{name} is for world models of recorded play, and {args.workdir} holds an "
                                      f"RL run (no {watch.DATASET_FILE}). Fix: drop --{name}.")
             result = dream(args.workdir, args.steps, args.out, args.format, args.seed, args.rows, args.fps,

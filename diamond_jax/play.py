@@ -255,6 +255,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--dataset", default=None,
                         help="world-model runs: the dataset's path, where it moved since training (default: the "
                              "path the run recorded)")
+    parser.add_argument("--guidance_scale", type=float, default=None,
+                        help="world-model runs: classifier-free guidance weight w of the sampler (default: the run's "
+                             "sampler.guidance_scale); w > 0 needs a model trained with denoiser.condition_dropout > 0")
+    parser.add_argument("--unconditional", action="store_true",
+                        help="world-model runs: draw every frame on the denoiser's null inputs (a model trained with "
+                             "condition_dropout > 0): with condition_dropout_target=actions an action-free video "
+                             "model, with 'all' frames drawn from no context")
     parser.add_argument("--fps", type=float, default=15.0, help="frames per second shown and recorded (default 15)")
     parser.add_argument("--size", type=int, default=512,
                         help="game view in pixels, rounded down to a whole multiple of the frame size, at least the "
@@ -291,10 +298,11 @@ def play(args: argparse.Namespace, events: Optional[EventSource] = None) -> Dict
             raise UsageError("--init_actions is for RL runs: a world model of recorded play starts from recorded "
                              "frames and the actions recorded with them. Fix: drop --init_actions.")
         session, controls = watch.play_session(args.workdir, args.seed, args.horizon, args.human,
-                                               args.actions or watch.EPISODE, args.dataset)
+                                               args.actions or watch.EPISODE, args.dataset,
+                                               watch.Sampling(args.guidance_scale, args.unconditional))
     else:
-        for name in ("actions", "dataset"):
-            if getattr(args, name) is not None:
+        for name in ("actions", "dataset", "guidance_scale", "unconditional"):
+            if getattr(args, name) not in (None, False):
                 raise UsageError(f"--{name} is for world models of recorded play, and {args.workdir} holds an RL "
                                  f"run (no {watch.DATASET_FILE}). Fix: drop --{name}.")
         session, controls = make_session(args.workdir, args.seed, args.horizon, args.human,

@@ -30,6 +30,9 @@ _FVD_LENGTH = flags.DEFINE_integer("fvd_length", 16, "Frames per clip for FVD (I
 _SEED = flags.DEFINE_integer("seed", 0, "Seeds the choice of test segments and the sampler's noise.")
 _LPIPS = flags.DEFINE_string("lpips_weights", None, "LPIPS (AlexNet) weights, an .npz of metric_weights.")
 _I3D = flags.DEFINE_string("i3d_weights", None, "I3D weights for FVD, an .npz of metric_weights.")
+_GUIDANCE = flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance weight w of the sampler (default: the "
+                                "run's sampler.guidance_scale); w > 0 needs a model trained with "
+                                "denoiser.condition_dropout > 0.")
 _PLATFORM = flags.DEFINE_enum("platform", None, ["cpu", "cuda", "rocm", "tpu"], "Platform for JAX.")
 
 
@@ -98,7 +101,7 @@ def main(argv) -> None:
         horizons = tuple(int(h) for h in _HORIZONS.value)
         if not horizons or min(horizons) < 1:
             raise ValueError(f"--horizons={','.join(_HORIZONS.value)}: give positive whole numbers, e.g. 1,5,10")
-        run = load_run(_WORKDIR.value)
+        run = load_run(_WORKDIR.value, _GUIDANCE.value)
         dataset = RecordedDataset.open(_DATASET.value or run.dataset["path"])
         if [*dataset.frame_shape] != run.dataset["frame_shape"] or dataset.action.to_json() != run.dataset["action"]:
             raise ValueError(f"{dataset.path} holds frames {dataset.frame_shape} and {dataset.action.kind} actions, "
@@ -111,7 +114,8 @@ def main(argv) -> None:
     except (ValueError, OSError, DatasetError, MetricWeightsError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
-    results = {"workdir": os.path.abspath(_WORKDIR.value), "dataset": dataset.path, "step": run.step, **results}
+    results = {"workdir": os.path.abspath(_WORKDIR.value), "dataset": dataset.path, "step": run.step,
+               "guidance_scale": run.model.sampler.guidance_scale, **results}
     out = _OUT.value or os.path.join(_WORKDIR.value, "eval")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "eval.json"), "w") as f:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import atari100k, world_model as wm_configs
-from diamond_jax import imagination
+from diamond_jax import dream, imagination
 from diamond_jax.agent import Agent
 from diamond_jax.data.batch import Batch
 from diamond_jax.data.importers import import_npz
@@ -19,7 +19,9 @@ from diamond_jax.models.blocks import Conv, Dense, FourierFeatures, GroupNorm, U
 from diamond_jax.models.denoiser import CrossAttention, Denoiser, HistoryEncoder, quantize
 from diamond_jax.models.sampler import SamplerConfig, sample_next_obs
 from diamond_jax.training import parallel, steps
+from diamond_jax.world_model.model import Frames, WorldModel
 from diamond_jax.world_model.train import WorldModelTrainer
+from conftest import with_fields
 
 B, N, SIZE, A = 2, 2, 16, 4
 CROSS = CrossAttention(levels=(0, 1), heads=2, channels=(8, 8))
@@ -317,3 +319,40 @@ def test_a_world_model_trains_the_variant_and_draws_videos_with_it(variant, dot_
     assert trainer.model.sampler.guidance_scale == variant.get("sampler.guidance_scale", 0.0)
     results = trainer.run()
     assert results["steps"] == 2 and np.isfinite(results["test_loss"]["denoiser"])
+    # The dream tool samples the run as asked: unconditionally (guidance 0 overriding the run's 1) where it has
+    # null inputs; without them it refuses guidance and says how to train a model that has them.
+    flags = [f"--workdir={tmp_path}", "--steps=2", "--rows=2", "--format=gif", f"--out={tmp_path / 'dream'}"]
+    if "denoiser.condition_dropout" in variant:
+        result = dream.main(flags + ["--unconditional", "--guidance_scale=0"])
+        assert result["imagined"].shape[:2] == (2, 3) and (tmp_path / "dream" / "imagination.gif").is_file()
+    else:
+        with pytest.raises(SystemExit, match="guidance scale 1.0 needs a denoiser trained with masked conditioning"
+                                             ".*--config.denoiser.condition_dropout=0.2"):
+            dream.main(flags + ["--guidance_scale=1"])
+
+
+def test_unconditional_sampling_ignores_the_context_and_refuses_what_it_cannot_do():
+    """A world model drawing on null inputs ("all"): the same frame whatever the past frames and actions (same
+    noise); the sampling options refuse a model without null inputs, and guidance together with them."""
+    model = WorldModel.from_config(with_fields(wm_configs.get_config("debug"), **{"denoiser.condition_dropout": 0.2}),
+                                   A, (SIZE, SIZE))
+    variables = model.init(jax.random.key(0))
+    variables["denoiser"] = randomised(variables["denoiser"])
+    n, (h, w) = model.num_steps_conditioning, model.resolution
+    contexts = [jax.random.uniform(jax.random.key(k), (B, n, h, w, 3), minval=-1, maxval=1) for k in (1, 2)]
+    acts = [jnp.zeros((B, n), jnp.int32), jnp.full((B, n), A - 1, jnp.int32)]
+    unconditional = model.with_sampling(unconditional=True)
+    drawn = [np.asarray(unconditional.step(variables, jax.random.key(3), Frames(c, None), a).low)
+             for c, a in zip(contexts, acts)]
+    np.testing.assert_array_equal(drawn[0], drawn[1])
+    conditional = [np.asarray(model.step(variables, jax.random.key(3), Frames(c, None), a).low)
+                   for c, a in zip(contexts, acts)]
+    assert np.abs(conditional[0] - conditional[1]).max() > 0.1  # the conditional model does see its context
+    plain = WorldModel.from_config(wm_configs.get_config("debug"), A, (SIZE, SIZE))
+    for kwargs in ({"unconditional": True}, {"guidance_scale": 0.5}):
+        with pytest.raises(ValueError, match="no null inputs.*condition_dropout=0.2"):
+            plain.with_sampling(**kwargs)
+    with pytest.raises(ValueError, match="does not go with unconditional sampling"):
+        model.with_sampling(guidance_scale=1.0, unconditional=True)
+    with pytest.raises(ValueError, match="finite number >= 0"):
+        model.with_sampling(guidance_scale=-1.0)

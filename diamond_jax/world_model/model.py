@@ -7,6 +7,7 @@ models see them in [-1, 1]. Actions follow the dataset's: int32 [b, t] (discrete
 """
 
 import dataclasses
+import math
 from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import chex
@@ -44,6 +45,9 @@ class WorldModel:
     resolution: Size
     upsampler: Optional[Upsampler] = None
     upsampler_sampler: Optional[SamplerConfig] = None
+    # Every frame drawn on the denoiser's null inputs (a model trained with condition_dropout > 0): with
+    # condition_dropout_target "actions" an action-free video model, with "all" frames from no context at all.
+    unconditional: bool = False
 
     @classmethod
     def from_config(cls, config, action_size: int, frame_shape: Tuple[int, int]) -> "WorldModel":
@@ -54,6 +58,24 @@ class WorldModel:
             upsampler = Upsampler.from_config(config, full_resolution(config, frame_shape))
         return cls(denoiser, sampler_config(config.sampler), tuple(config.resolution), upsampler,
                    sampler_config(config.upsampler.sampler) if upsampler else None)
+
+    def with_sampling(self, guidance_scale: Optional[float] = None, unconditional: bool = False) -> "WorldModel":
+        """This model sampled with another guidance weight (None: its config's) or unconditionally; ValueError
+        with the fix where the denoiser cannot (no null inputs), or the two are asked together."""
+        w = self.sampler.guidance_scale if guidance_scale is None else guidance_scale
+        if not (w >= 0 and math.isfinite(w)):
+            raise ValueError(f"guidance scale {w}: use a finite number >= 0 (0 = plain conditional sampling)")
+        if (w > 0 or unconditional) and not self.denoiser.has_null_inputs:
+            asked = "unconditional sampling" if unconditional else f"guidance scale {w}"
+            raise ValueError(f"{asked} needs a denoiser trained with masked conditioning, and this one has no null "
+                             "inputs (denoiser.condition_dropout 0). Fix: train with "
+                             "--config.denoiser.condition_dropout=0.2, or sample conditionally without guidance.")
+        if w > 0 and unconditional:
+            raise ValueError(f"guidance scale {w} combines conditional and unconditional predictions, so it does "
+                             "not go with unconditional sampling. Fix: sample unconditionally with guidance scale 0 (it overrides "
+                             "the run's), or conditionally with guidance.")
+        return dataclasses.replace(self, sampler=dataclasses.replace(self.sampler, guidance_scale=w),
+                                   unconditional=unconditional)
 
     @property
     def num_steps_conditioning(self) -> int:
@@ -83,7 +105,9 @@ class WorldModel:
         b, n = context.low.shape[:2]
         chex.assert_equal(n, self.num_steps_conditioning)
         key_low, key_full = jax.random.split(key)
-        low = sample_next_obs(self.denoiser, variables["denoiser"], key_low, context.low, act, self.sampler)
+        null = jnp.ones((b,), bool) if self.unconditional else None
+        low = sample_next_obs(self.denoiser, variables["denoiser"], key_low, context.low, act, self.sampler,
+                              null=null)
         if self.upsampler is None:
             return Frames(low, None)
         past = context.full[:, context.full.shape[1] - self.upsampler.num_past:]

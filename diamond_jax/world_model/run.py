@@ -3,7 +3,7 @@ tools that use a trained world model (evaluation, dream, play)."""
 
 import json
 import os
-from typing import Any, Dict, NamedTuple
+from typing import Any, Dict, NamedTuple, Optional
 
 import jax
 from ml_collections import config_dict
@@ -35,8 +35,9 @@ class LoadedRun(NamedTuple):
     step: int  # updates done when the checkpoint was taken
 
 
-def load_run(workdir: str) -> LoadedRun:
-    """The newest checkpoint of a world-model run; ValueError naming what is missing."""
+def load_run(workdir: str, guidance_scale: Optional[float] = None, unconditional: bool = False) -> LoadedRun:
+    """The newest checkpoint of a world-model run; ValueError naming what is missing. guidance_scale and
+    unconditional: how its model samples (WorldModel.with_sampling; None: as the run's config says)."""
     paths = {name: os.path.join(workdir, name) for name in (CONFIG_FILE, DATASET_FILE, CHECKPOINTS)}
     for name, path in paths.items():
         if not os.path.exists(path):
@@ -51,6 +52,7 @@ def load_run(workdir: str) -> LoadedRun:
     with open(paths[DATASET_FILE]) as f:
         dataset = json.load(f)
     model = WorldModel.from_config(config, dataset["action"]["size"], tuple(dataset["frame_shape"]))
+    model = model.with_sampling(guidance_scale, unconditional)
     optimizers = {n: steps.optimizer_from_config(config[n]) for n in model_names(config)}
     # Onto this process's devices, whichever devices the run saved from (orbax needs the target's shardings then).
     replicated = parallel.replicated(parallel.make_mesh())

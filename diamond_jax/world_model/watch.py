@@ -50,10 +50,17 @@ class Watched(NamedTuple):
     dataset: RecordedDataset
 
 
-def open_run(workdir: str, dataset_path: Optional[str] = None) -> Watched:
+class Sampling(NamedTuple):
+    """How the tools sample a world model: its config's guidance weight or this one, or unconditionally."""
+
+    guidance_scale: Optional[float] = None
+    unconditional: bool = False
+
+
+def open_run(workdir: str, dataset_path: Optional[str] = None, sampling: Sampling = Sampling()) -> Watched:
     """The run's newest checkpoint and its dataset (at dataset_path, where it moved), checked to match."""
     try:
-        run = load_run(workdir)
+        run = load_run(workdir, *sampling)
     except ValueError as error:
         raise UsageError(str(error)) from error
     path = dataset_path or run.dataset["path"]
@@ -161,12 +168,12 @@ def shown(frames: Frames) -> jax.Array:
 
 
 def dream(workdir: str, num_steps: int, out: Optional[str] = None, fmt: str = "mp4", seed: int = 0, rows: int = 4,
-          fps: float = 15.0, scale: int = 4, actions: str = EPISODE,
-          dataset_path: Optional[str] = None) -> Dict[str, Any]:
+          fps: float = 15.0, scale: int = 4, actions: str = EPISODE, dataset_path: Optional[str] = None,
+          sampling: Sampling = Sampling()) -> Dict[str, Any]:
     """Open-loop rollouts of num_steps steps from `rows` real contexts: imagination.<fmt> (the rows side by
     side), and with the episodes' own actions real_vs_imagined.<fmt> and the PSNR files. Returns the paths, the
     frames and the actions played (and the PSNR [rows, steps])."""
-    run, dataset = open_run(workdir, dataset_path)
+    run, dataset = open_run(workdir, dataset_path, sampling)
     model, n = run.model, run.model.num_steps_conditioning
     rng = np.random.default_rng(seed)
     compare = actions == EPISODE
@@ -308,9 +315,10 @@ def no_keyboard(spec: ActionSpec, title: str, source: str) -> str:
 
 
 def play_session(workdir: str, seed: int, horizon: int, human: bool, actions: str = EPISODE,
-                 dataset_path: Optional[str] = None) -> Tuple[PlaySession, PlayControls]:
+                 dataset_path: Optional[str] = None,
+                 sampling: Sampling = Sampling()) -> Tuple[PlaySession, PlayControls]:
     """The play tool's session inside a world model of recorded play: one env, the world model."""
-    run, dataset = open_run(workdir, dataset_path)
+    run, dataset = open_run(workdir, dataset_path, sampling)
     if actions == RANDOM:
         raise UsageError(f"--actions={RANDOM} is for python -m diamond_jax.dream. Fix: --actions={EPISODE} or an "
                          "actions file.")
