@@ -233,6 +233,9 @@ class WorldModelTrainer:
     def _test(self) -> Dict[str, float]:
         """Losses on fixed batches of test episodes (the same at every test), and rollout videos."""
         c, test = self.config, {}
+        # Between progress-bar updates this takes minutes on a CPU: say what the run is doing.
+        logging.info("Update %d: test losses on %d batches and %d-frame videos (the bar resumes after them)",
+                     self.step, c.training.test_batches, c.training.video_steps)
         for name in self.names:
             values = []
             for j in range(c.training.test_batches):
