@@ -116,7 +116,7 @@ def window_scores(change: jax.Array, novelty: jax.Array, cfg: DriftConfig):
     return trailing_mean(change, cfg.stuck_window), trailing_mean(novelty, cfg.novelty_window)
 
 
-class _State(NamedTuple):
+class DriftState(NamedTuple):
     context: Frames
     changes: jax.Array  # [b, stuck_window], the newest last
     novelties: jax.Array  # [b, novelty_window]
@@ -125,53 +125,74 @@ class _State(NamedTuple):
     target: jax.Array  # [b] buffer index of the recovery target (-1: none)
 
 
+class Recovery(NamedTuple):
+    """What a drift-aware step needs besides the model: the buffer of dataset frames (pooled too) and the
+    config. Built by `recovery_inputs`."""
+
+    buffer: jax.Array  # [B, h, w, 3] dataset frames at the denoiser's resolution
+    pooled: jax.Array  # pool_frames(buffer, cfg.pool)
+
+
+def recovery_inputs(model: WorldModel, buffer: jax.Array, cfg: DriftConfig) -> Recovery:
+    if cfg.recovery and model.denoiser.interpolation is None:
+        raise ValueError("recovery interpolates toward a target frame, and this world model's denoiser was not "
+                         "trained to: train one with --config.denoiser.interpolation.steps=10, or detect only "
+                         "(recovery off)")
+    chex.assert_shape(buffer, (None,) + tuple(model.resolution) + (3,))
+    return Recovery(buffer, pool_frames(buffer, cfg.pool))
+
+
+def init_state(context: Frames, cfg: DriftConfig) -> DriftState:
+    """The detectors' state at the start of a rollout from a real context: empty windows, no recovery."""
+    b = context.low.shape[0]
+    return DriftState(context, jnp.zeros((b, cfg.stuck_window)), jnp.zeros((b, cfg.novelty_window)),
+                      jnp.zeros((b,), jnp.int32), jnp.zeros((b,), jnp.int32), jnp.full((b,), -1, jnp.int32))
+
+
+def step(model: WorldModel, variables: Variables, cfg: DriftConfig, inputs: Recovery, state: DriftState,
+         window: jax.Array, key: jax.Array):
+    """One drawn frame with the detectors (and recovery with cfg.recovery): (state after it, (frame, Scores of
+    it)). The frame is WorldModel.step's (same key) unless a recovery is under way."""
+    ip = model.denoiser.interpolation
+    recovering = state.left > 0
+    if ip is None:
+        nxt = model.step(variables, key, state.context, window)
+    else:
+        s = ip.steps - state.left  # the interpolation step, while recovering
+        goal = inputs.buffer[jnp.maximum(state.target, 0)]
+        seen = seen_target(ip, state.context.low[:, -1], goal, jnp.clip(s, 0, ip.steps - 1))
+        target = jnp.where(recovering[:, None, None, None], seen, 0.0)
+        bucket = jnp.where(recovering, s, ip.no_interpolation)
+        nxt = model.step(variables, key, state.context, window, target, bucket)
+    change = frame_mse(nxt.low, state.context.low[:, -1])
+    novelty, index = nearest(nxt.low, inputs.pooled, cfg.pool)
+    changes = jnp.concatenate([state.changes[:, 1:], change[:, None]], axis=1)
+    novelties = jnp.concatenate([state.novelties[:, 1:], novelty[:, None]], axis=1)
+    age = jnp.where(recovering, 0, state.age + 1)
+    stuck_score, novelty_score = changes.mean(axis=1), novelties.mean(axis=1)
+    fired = ((((age >= cfg.stuck_window) & (stuck_score < cfg.stuck_threshold))
+              | ((age >= cfg.novelty_window) & (novelty_score > cfg.novelty_threshold))
+              | (change > cfg.jump_threshold)) & ~recovering)
+    left = jnp.maximum(state.left - 1, 0)
+    target = jnp.where(left > 0, state.target, -1)
+    if cfg.recovery:
+        left = jnp.where(fired, ip.steps, left)
+        target = jnp.where(fired, index, target)
+    scores = Scores(change, novelty, stuck_score, novelty_score, fired, recovering,
+                    jnp.where(recovering, state.target, -1))
+    return DriftState(advance(state.context, nxt), changes, novelties, age, left, target), (nxt, scores)
+
+
 def rollout(model: WorldModel, variables: Variables, key: jax.Array, context: Frames, act: jax.Array,
             num_steps: int, buffer: jax.Array, cfg: DriftConfig):
     """num_steps frames drawn open-loop as WorldModel.rollout (same arguments, same frames while no recovery
     runs), scored by the detectors and, with cfg.recovery, recovered: (frames [b, num_steps, ...], Scores)."""
-    n, b = model.num_steps_conditioning, context.low.shape[0]
+    n = model.num_steps_conditioning
     chex.assert_equal(act.shape[1], n + num_steps - 1)
-    ip = model.denoiser.interpolation
-    if cfg.recovery and ip is None:
-        raise ValueError("recovery interpolates toward a target frame, and this world model's denoiser was not "
-                         "trained to: train one with --config.denoiser.interpolation.steps=10, or detect only "
-                         "(recovery off)")
-    pooled_buffer = pool_frames(buffer, cfg.pool)
+    inputs = recovery_inputs(model, buffer, cfg)
     windows = jnp.stack([act[:, k:k + n] for k in range(num_steps)])
-
-    def step(state: _State, inputs):
-        window, key_k = inputs
-        recovering = state.left > 0
-        if ip is None:
-            nxt = model.step(variables, key_k, state.context, window)
-        else:
-            s = ip.steps - state.left  # the interpolation step, while recovering
-            goal = buffer[jnp.maximum(state.target, 0)]
-            seen = seen_target(ip, state.context.low[:, -1], goal, jnp.clip(s, 0, ip.steps - 1))
-            target = jnp.where(recovering[:, None, None, None], seen, 0.0)
-            bucket = jnp.where(recovering, s, ip.no_interpolation)
-            nxt = model.step(variables, key_k, state.context, window, target, bucket)
-        change = frame_mse(nxt.low, state.context.low[:, -1])
-        novelty, index = nearest(nxt.low, pooled_buffer, cfg.pool)
-        changes = jnp.concatenate([state.changes[:, 1:], change[:, None]], axis=1)
-        novelties = jnp.concatenate([state.novelties[:, 1:], novelty[:, None]], axis=1)
-        age = jnp.where(recovering, 0, state.age + 1)
-        stuck_score, novelty_score = changes.mean(axis=1), novelties.mean(axis=1)
-        fired = ((((age >= cfg.stuck_window) & (stuck_score < cfg.stuck_threshold))
-                  | ((age >= cfg.novelty_window) & (novelty_score > cfg.novelty_threshold))
-                  | (change > cfg.jump_threshold)) & ~recovering)
-        left = jnp.maximum(state.left - 1, 0)
-        target = jnp.where(left > 0, state.target, -1)
-        if cfg.recovery:
-            left = jnp.where(fired, ip.steps, left)
-            target = jnp.where(fired, index, target)
-        scores = Scores(change, novelty, stuck_score, novelty_score, fired, recovering,
-                        jnp.where(recovering, state.target, -1))
-        return _State(advance(state.context, nxt), changes, novelties, age, left, target), (nxt, scores)
-
-    init = _State(context, jnp.zeros((b, cfg.stuck_window)), jnp.zeros((b, cfg.novelty_window)),
-                  jnp.zeros((b,), jnp.int32), jnp.zeros((b,), jnp.int32), jnp.full((b,), -1, jnp.int32))
-    _, (drawn, scores) = jax.lax.scan(step, init, (windows, jax.random.split(key, num_steps)))
+    _, (drawn, scores) = jax.lax.scan(lambda state, x: step(model, variables, cfg, inputs, state, *x),
+                                      init_state(context, cfg), (windows, jax.random.split(key, num_steps)))
     return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), (drawn, scores))
 
 
