@@ -159,6 +159,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--dataset", default=None,
                         help="world-model runs: the dataset's path, where it moved since training (default: the "
                              "path the run recorded)")
+    parser.add_argument("--recovery", action="store_true", default=None,
+                        help="world-model runs trained with interpolation: detect drift and recover by "
+                             "interpolating toward a dataset frame (README 'Long rollouts'); writes drift.json")
     args = parser.parse_args(argv)
     for name in ("steps", "rows", "fps", "scale"):
         if getattr(args, name) <= 0:
@@ -171,9 +174,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     try:
         if watch.is_world_model_run(args.workdir):
             result = watch.dream(args.workdir, args.steps, args.out, args.format, args.seed, args.rows, args.fps,
-                                 args.scale, args.actions or watch.EPISODE, args.dataset)
+                                 args.scale, args.actions or watch.EPISODE, args.dataset, bool(args.recovery))
         else:
-            for name in ("actions", "dataset"):
+            for name in ("actions", "dataset", "recovery"):
                 if getattr(args, name) is not None:
                     raise UsageError(f"--{name} is for world models of recorded play, and {args.workdir} holds an "
                                      f"RL run (no {watch.DATASET_FILE}). Fix: drop --{name}.")

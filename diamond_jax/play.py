@@ -255,6 +255,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--dataset", default=None,
                         help="world-model runs: the dataset's path, where it moved since training (default: the "
                              "path the run recorded)")
+    parser.add_argument("--recovery", action="store_true", default=None,
+                        help="world-model runs trained with interpolation: detect drift and recover by "
+                             "interpolating toward a dataset frame (README 'Long rollouts')")
     parser.add_argument("--fps", type=float, default=15.0, help="frames per second shown and recorded (default 15)")
     parser.add_argument("--size", type=int, default=512,
                         help="game view in pixels, rounded down to a whole multiple of the frame size, at least the "
@@ -291,9 +294,9 @@ def play(args: argparse.Namespace, events: Optional[EventSource] = None) -> Dict
             raise UsageError("--init_actions is for RL runs: a world model of recorded play starts from recorded "
                              "frames and the actions recorded with them. Fix: drop --init_actions.")
         session, controls = watch.play_session(args.workdir, args.seed, args.horizon, args.human,
-                                               args.actions or watch.EPISODE, args.dataset)
+                                               args.actions or watch.EPISODE, args.dataset, bool(args.recovery))
     else:
-        for name in ("actions", "dataset"):
+        for name in ("actions", "dataset", "recovery"):
             if getattr(args, name) is not None:
                 raise UsageError(f"--{name} is for world models of recorded play, and {args.workdir} holds an RL "
                                  f"run (no {watch.DATASET_FILE}). Fix: drop --{name}.")
