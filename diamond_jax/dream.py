@@ -28,6 +28,8 @@ where the dataset moved), at the upsampler's full resolution where the run has o
   real_vs_imagined.mp4 and psnr.csv, psnr.json, psnr.png as above, with --actions=episode (the default): the
                        actions recorded after the context, beside the frames recorded after it.
 An actions file is .npy or .csv in the layout python -m diamond_jax.dataset imports, one row per step.
+--recovery (a world model trained with interpolation, README "Long rollouts") detects drift as the frames are
+drawn and recovers by interpolating toward a dataset frame; drift.json then says how often, per row.
 """
 
 import argparse
