@@ -233,3 +233,20 @@ def test_without_recovery_the_rollout_is_the_world_models(trained):
     with pytest.raises(ValueError, match="not trained"):
         drift.rollout(WorldModel(tiny(num_actions=1), SamplerConfig(), (SIZE, SIZE)), None, jax.random.key(0),
                       context, act, 5, jnp.zeros((3, SIZE, SIZE, 3)), dataclasses.replace(cfg, recovery=True))
+
+
+def test_a_rollout_in_chunks_draws_what_one_rollout_draws(trained):
+    model, variables = trained
+    context = Frames(jnp.full((1, N, SIZE, SIZE, 3), -0.4), None)
+    act = jnp.zeros((1, N + 6), jnp.int32)
+    buffer = jnp.full((1, SIZE, SIZE, 3), 0.4)
+    cfg = drift.DriftConfig(stuck_window=1, stuck_threshold=1e9, recovery=True)
+    frames, scores = drift.rollout(model, variables, jax.random.key(7), context, act, 7, buffer, cfg)
+    keys, inputs = jax.random.split(jax.random.key(7), 7), drift.recovery_inputs(model, buffer, cfg)
+    state, first, first_scores = drift.rollout_chunk(model, variables, keys[:3], drift.init_state(context, cfg),
+                                                     act[:, :3 + N - 1], inputs, cfg)
+    _, second, second_scores = drift.rollout_chunk(model, variables, keys[3:], state, act[:, 3:], inputs, cfg)
+    np.testing.assert_array_equal(np.concatenate([first.low, second.low], axis=1), frames.low)
+    np.testing.assert_array_equal(np.concatenate([first_scores.recovering, second_scores.recovering], axis=1),
+                                  scores.recovering)
+    assert np.asarray(scores.recovering).any()  # the chunks cut through a recovery

@@ -190,10 +190,23 @@ def rollout(model: WorldModel, variables: Variables, key: jax.Array, context: Fr
     n = model.num_steps_conditioning
     chex.assert_equal(act.shape[1], n + num_steps - 1)
     inputs = recovery_inputs(model, buffer, cfg)
+    _, drawn, scores = rollout_chunk(model, variables, jax.random.split(key, num_steps), init_state(context, cfg),
+                                     act, inputs, cfg)
+    return drawn, scores
+
+
+def rollout_chunk(model: WorldModel, variables: Variables, keys: jax.Array, state: DriftState, act: jax.Array,
+                  inputs: Recovery, cfg: DriftConfig):
+    """len(keys) steps from a DriftState, one key each; act: [b, n + len(keys) - 1(, size)], the actions of the
+    state's context but its last frame's, then one per step. (state after, frames [b, T, ...], Scores [b, T]):
+    consecutive chunks with consecutive slices of one split of keys draw what one `rollout` draws."""
+    n, num_steps = model.num_steps_conditioning, keys.shape[0]
+    chex.assert_equal(act.shape[1], n + num_steps - 1)
     windows = jnp.stack([act[:, k:k + n] for k in range(num_steps)])
-    _, (drawn, scores) = jax.lax.scan(lambda state, x: step(model, variables, cfg, inputs, state, *x),
-                                      init_state(context, cfg), (windows, jax.random.split(key, num_steps)))
-    return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), (drawn, scores))
+    state, (drawn, scores) = jax.lax.scan(lambda state, x: step(model, variables, cfg, inputs, state, *x), state,
+                                          (windows, keys))
+    drawn, scores = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), (drawn, scores))
+    return state, drawn, scores
 
 
 def roc_auc(negatives: np.ndarray, positives: np.ndarray) -> float:

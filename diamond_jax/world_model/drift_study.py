@@ -39,6 +39,7 @@ class StudyOptions:
     stride: int = 8  # frames between the starts of the test windows
     noise_std: float = 0.1  # of the noise degradation, in [-1, 1] units
     drift_after: int = 100  # model-drift windows start after this many drawn frames
+    chunk: int = 100  # steps per compiled call (the progress bar moves once per chunk)
 
 
 def window_score(frames: np.ndarray, recovery: drift.Recovery, cfg: drift.DriftConfig,
@@ -101,11 +102,19 @@ def study(model: WorldModel, variables, dataset: RecordedDataset, cfg: drift.Dri
     distance_fn = jax.jit(lambda x: drift.nearest(x, reference, 1)[0])
     runs, results = {}, {"num_steps": o.num_steps, "rows": o.rows, "config": dataclasses.asdict(cfg),
                          "options": dataclasses.asdict(o), "rollouts": {}}
-    bar = tqdm(total=2, desc="Long rollouts (recovery off, on)", unit="rollout")
+    keys = jax.random.split(key, o.num_steps)  # as drift.rollout splits them: the chunks draw what it draws
+    bar = tqdm(total=2 * o.num_steps, desc="Long rollouts (recovery off, then on)", unit="step")
     for name, recover in (("off", False), ("on", True)):
         c = dataclasses.replace(cfg, recovery=recover)
-        fn = jax.jit(lambda v, k, ctx, a, c=c: drift.rollout(model, v, k, ctx, a, o.num_steps, buffer, c))
-        frames, scores = jax.device_get(fn(variables, key, context, jnp.asarray(act)))
+        inputs = drift.recovery_inputs(model, buffer, c)
+        fn = jax.jit(lambda v, k, state, a, c=c: drift.rollout_chunk(model, v, k, state, a, inputs, c))
+        state, chunks = drift.init_state(context, c), []
+        for start in range(0, o.num_steps, o.chunk):
+            stop = min(o.num_steps, start + o.chunk)
+            state, frames, scores = fn(variables, keys[start:stop], state, jnp.asarray(act[:, start:stop + n - 1]))
+            chunks.append(jax.device_get((frames, scores)))
+            bar.update(stop - start)
+        frames, scores = jax.tree.map(lambda *x: np.concatenate(x, axis=1), *chunks)
         low = np.asarray(frames.low)
         distance = np.stack([np.asarray(distance_fn(jnp.asarray(row))) for row in low])
         runs[name] = {"frames": frames, "scores": scores, "distance": distance}
