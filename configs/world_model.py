@@ -88,6 +88,15 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
     c.denoiser.cross_attention.levels = (2, 3)  # U-Net levels (0 = full resolution) that cross-attend
     c.denoiser.cross_attention.heads = 4  # heads per cross-attention block; must divide those levels' channels
     c.denoiser.cross_attention.channels = (32, 32, 32, 32)  # history encoder channels, one per U-Net level
+    # Dual-purpose training for drift recovery (README "Long rollouts"; models/interpolation.py). steps 0 = off:
+    # the official denoiser, exactly.
+    c.denoiser.interpolation = config_dict.ConfigDict()
+    c.denoiser.interpolation.steps = 0  # m: steps of an interpolation toward a target frame (the paper's 10)
+    c.denoiser.interpolation.p_interpolate = 0.25  # training probability that a batch interpolates (the paper's)
+    c.denoiser.interpolation.motion_weighting = False  # weigh segments with large frame differences more
+    c.denoiser.interpolation.motion_floor = 0.1  # ...a still segment's weight, relative to (1 + an average one)
+    c.denoiser.interpolation.intermediate_targets = False  # step s sees a blend of current frame and target
+    c.denoiser.interpolation.intermediate_power = 2.0  # ...the target's weight ((s + 1) / m) ** power (2: quadratic)
     c.sampler = _sampler(3, 2e-3, 1, 0.0, 0.0, float("inf"), 1.0)  # DIAMOND's: 3 Euler steps
     # Classifier-free guidance weight w (the paper's equation 4); 0 = plain conditional sampling. w > 0 needs
     # denoiser.condition_dropout > 0.

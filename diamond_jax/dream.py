@@ -28,6 +28,8 @@ where the dataset moved), at the upsampler's full resolution where the run has o
   real_vs_imagined.mp4 and psnr.csv, psnr.json, psnr.png as above, with --actions=episode (the default): the
                        actions recorded after the context, beside the frames recorded after it.
 An actions file is .npy or .csv in the layout python -m diamond_jax.dataset imports, one row per step.
+--recovery (a world model trained with interpolation, README "Long rollouts") detects drift as the frames are
+drawn and recovers by interpolating toward a dataset frame; drift.json then says how often, per row.
 """
 
 import argparse
@@ -166,6 +168,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="world-model runs: draw every frame on the denoiser's null inputs (a model trained with "
                              "condition_dropout > 0): with condition_dropout_target=actions an action-free video "
                              "model, with 'all' frames drawn from no context")
+    parser.add_argument("--recovery", action="store_true", default=None,
+                        help="world-model runs trained with interpolation: detect drift and recover by "
+                             "interpolating toward a dataset frame (README 'Long rollouts'); writes drift.json")
     args = parser.parse_args(argv)
     for name in ("steps", "rows", "fps", "scale"):
         if getattr(args, name) <= 0:
@@ -179,9 +184,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         if watch.is_world_model_run(args.workdir):
             result = watch.dream(args.workdir, args.steps, args.out, args.format, args.seed, args.rows, args.fps,
                                  args.scale, args.actions or watch.EPISODE, args.dataset,
-                                 watch.Sampling(args.guidance_scale, args.unconditional))
+                                 watch.Sampling(args.guidance_scale, args.unconditional), bool(args.recovery))
         else:
-            for name in ("actions", "dataset", "guidance_scale", "unconditional"):
+            for name in ("actions", "dataset", "guidance_scale", "unconditional", "recovery"):
                 if getattr(args, name) not in (None, False):
                     raise UsageError(f"--{name} is for world models of recorded play, and {args.workdir} holds an "
                                      f"RL run (no {watch.DATASET_FILE}). Fix: drop --{name}.")

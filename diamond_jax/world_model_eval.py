@@ -8,8 +8,16 @@ the open-loop horizon, the teacher-forced one-step value as a dashed line) and r
 segments, the real frames above the drawn ones at each horizon). LPIPS and FVD need pretrained networks that
 no package ships: pass local weights written by `python -m diamond_jax.world_model.metric_weights`; without
 them they are skipped, and eval.json's notes say so. Uses the run's newest checkpoint, also while it trains.
+
+Long rollouts (world_model/drift.py, README "Long rollouts"): --recovery makes the open-loop rollouts detect
+drift and recover (a denoiser trained with interpolation); --drift_steps=N adds the drift study
+(world_model/drift_study.py): --drift_rows rollouts of N steps with random actions, recovery off and on, and the
+detectors' ROC AUC on test windows, written as drift.json, drift_scores.png, drift_frames.png and drift.mp4:
+
+    python -m diamond_jax.world_model_eval --workdir=W --num_segments=2 --horizons=1 --drift_steps=1000
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -33,6 +41,17 @@ _I3D = flags.DEFINE_string("i3d_weights", None, "I3D weights for FVD, an .npz of
 _GUIDANCE = flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance weight w of the sampler (default: the "
                                 "run's sampler.guidance_scale); w > 0 needs a model trained with "
                                 "denoiser.condition_dropout > 0.")
+_RECOVERY = flags.DEFINE_bool("recovery", False, "Open-loop rollouts detect drift and recover from it by "
+                               "interpolating toward a dataset frame (a denoiser trained with interpolation).")
+_DRIFT_STEPS = flags.DEFINE_integer("drift_steps", 0, "Steps of the drift study's rollouts, recovery off and on; "
+                                    "0: no drift study.", lower_bound=0)
+_DRIFT_ROWS = flags.DEFINE_integer("drift_rows", 4, "Rollouts of the drift study.", lower_bound=1)
+_STUCK = flags.DEFINE_float("stuck_threshold", None, "Drift detection: stuck below this mean consecutive-frame "
+                            "MSE (default: DriftConfig's).")
+_JUMP = flags.DEFINE_float("jump_threshold", None, "Drift detection: a teleport above this consecutive-frame MSE "
+                           "(default: DriftConfig's).")
+_NOVELTY = flags.DEFINE_float("novelty_threshold", None, "Drift detection: off the dataset above this mean "
+                              "nearest-neighbour distance (default: DriftConfig's).")
 _PLATFORM = flags.DEFINE_enum("platform", None, ["cpu", "cuda", "rocm", "tpu"], "Platform for JAX.")
 
 
@@ -93,6 +112,8 @@ def main(argv) -> None:
 
 
     from diamond_jax.data.recorded import DatasetError, RecordedDataset
+    from diamond_jax.world_model import drift_study
+    from diamond_jax.world_model.drift import DriftConfig
     from diamond_jax.world_model.evaluate import EvalOptions, Evaluator
     from diamond_jax.world_model.metrics import MetricWeights, MetricWeightsError
     from diamond_jax.world_model.run import load_run
@@ -108,9 +129,16 @@ def main(argv) -> None:
                              f"the run trained on {run.dataset['frame_shape']} and {run.dataset['action']}. Fix: "
                              "pass the run's dataset with --dataset.")
         weights = MetricWeights.load(_LPIPS.value, _I3D.value)
-        options = EvalOptions(_SEGMENTS.value, horizons, _BATCH.value, _FVD_LENGTH.value, _SEED.value)
+        thresholds = {name: flag.value for name, flag in (("stuck_threshold", _STUCK), ("jump_threshold", _JUMP),
+                                                           ("novelty_threshold", _NOVELTY)) if flag.value is not None}
+        drift_config = dataclasses.replace(DriftConfig(), **thresholds)
+        options = EvalOptions(_SEGMENTS.value, horizons, _BATCH.value, _FVD_LENGTH.value, _SEED.value,
+                              recovery=_RECOVERY.value, drift_config=drift_config)
         evaluator = Evaluator(run, dataset, weights, options)
         results = evaluator.run()
+        if _DRIFT_STEPS.value:
+            drift_out = drift_study.study(run.model, run.variables, dataset, drift_config, drift_study.StudyOptions(
+                _DRIFT_STEPS.value, _DRIFT_ROWS.value, _SEED.value))
     except (ValueError, OSError, DatasetError, MetricWeightsError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
@@ -136,6 +164,33 @@ def main(argv) -> None:
     for note in results["notes"]:
         print(f"note: {note}")
     print(f"wrote {out}/eval.json, horizons.png, rollouts.png")
+    if _DRIFT_STEPS.value:
+        write_drift_study(drift_out, drift_config, out)
+
+
+def write_drift_study(drift_out, drift_config, out: str) -> None:
+    """drift.json, drift_scores.png, drift_frames.png and drift.mp4 of the drift study, and its summary."""
+    from diamond_jax.video import write_video
+    from diamond_jax.world_model import drift_study
+
+    import imageio.v3 as iio
+
+    results = drift_out["results"]
+    with open(os.path.join(out, "drift.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    drift_study.plot(drift_out, drift_config, os.path.join(out, "drift_scores.png"))
+    n = results["num_steps"]
+    steps = sorted({1, n // 10, n // 4, n // 2, 3 * n // 4, n} - {0})
+    iio.imwrite(os.path.join(out, "drift_frames.png"), drift_study.frames_picture(drift_out, steps))
+    write_video(os.path.join(out, "drift.mp4"), drift_study.video_frames(drift_out), 15.0)
+    for name, r in results["rollouts"].items():
+        print(f"recovery {name}: stuck {r['fraction_stuck']:.3f} of the time, off the dataset "
+              f"{r['fraction_novel']:.3f}, detections per row {r['detections_per_row']}, distance to the dataset "
+              f"by quarter {[f'{d:.2e}' for d in r['distance_to_dataset_by_quarter']]}")
+    for kind, aucs in results["auc"]["by_degradation"].items():
+        print(f"ROC AUC, real test windows vs {kind}: " + ", ".join(f"{d} {aucs[d]:.3f}"
+                                                                    for d in drift_study.DETECTORS))
+    print(f"wrote {out}/drift.json, drift_scores.png, drift_frames.png, drift.mp4")
 
 
 if __name__ == "__main__":

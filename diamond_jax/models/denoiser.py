@@ -20,6 +20,11 @@ Conditioning variants (the paper's section 4.2, README "Conditioning variants"):
   replaced by learned null inputs; such a model can then run unconditionally (`null`) and be sampled with
   classifier-free guidance (equation 4: `guidance_scale` of `denoise`). With p = 0 there are no null inputs
   and the model is the frame-stack denoiser of the official release.
+
+Interpolation (models/interpolation.py, README "Long rollouts"): `interpolation` set, the U-Net also sees a
+target frame (stacked with the noised frame) and one of m + 1 bucket embeddings (interpolation step or none),
+and trains both to predict and to interpolate toward the target. None (the default): no such inputs, and the
+model computes exactly what it computes without them.
 """
 
 import dataclasses
@@ -33,6 +38,7 @@ import flax.linen as nn
 from diamond_jax.data.batch import Batch
 from diamond_jax.models.blocks import (Conv, Dense, Downsample, Dtype, FourierFeatures, GroupNorm, ResBlocks, UNet,
                                       init_key)
+from diamond_jax.models import interpolation as interp
 from diamond_jax.models.conditioning import CONDITION_DROPOUT_TARGETS, CONDITIONINGS
 from diamond_jax.models.precision import compute_dtype
 
@@ -133,6 +139,7 @@ class InnerModel(nn.Module):
     conditioning: str = "frame_stack"  # one of CONDITIONINGS
     cross_attention: Optional[CrossAttention] = None  # with conditioning "cross_attention"
     null_target: Optional[str] = None  # None or one of CONDITION_DROPOUT_TARGETS
+    interpolation_buckets: int = 0  # m + 1 bucket embeddings and a target-frame input; 0: neither
 
     def action_embedding(self, act: jax.Array) -> jax.Array:
         """[b, cond_channels]: one embedding of cond_channels / n per past action, concatenated (0 without
@@ -145,9 +152,11 @@ class InnerModel(nn.Module):
 
     @nn.compact
     def __call__(self, noisy_next_obs: jax.Array, c_noise: jax.Array, obs: jax.Array, act: jax.Array,
-                 null: Optional[jax.Array] = None) -> jax.Array:
+                 null: Optional[jax.Array] = None, target: Optional[jax.Array] = None,
+                 bucket: Optional[jax.Array] = None) -> jax.Array:
         """obs: the past frames stacked [b, h, w, n * 3] (stack_frames); null: [b] bool, the rows to run on the
-        null inputs (None: none), only for a model with null inputs."""
+        null inputs (None: none), only for a model with null inputs; target [b, h, w, 3] and bucket int [b]:
+        the interpolation inputs, for a model with interpolation buckets only (and then both given)."""
         b, h, w, _ = noisy_next_obs.shape
         n = self.num_steps_conditioning
         chex.assert_shape(noisy_next_obs, (b, None, None, IMG_CHANNELS))
@@ -167,7 +176,18 @@ class InnerModel(nn.Module):
                              "condition_dropout > 0 (and train it so)")
         noise_emb = FourierFeatures(self.cond_channels, name="noise_emb")(jnp.broadcast_to(c_noise, (b,)))
         dt = self.dtype
-        cond = Dense(self.cond_channels, dtype=dt, name="cond_proj_0")(noise_emb + act_emb)
+        cond = noise_emb + act_emb
+        if self.interpolation_buckets:
+            chex.assert_shape(target, (b, h, w, IMG_CHANNELS))
+            chex.assert_shape(bucket, (b,))
+            cond = cond + nn.Embed(self.interpolation_buckets, self.cond_channels,
+                                   embedding_init=nn.initializers.normal(1.0), name="interp_emb")(bucket)
+            # The target enters beside the noised frame, in both conditionings.
+            noisy_next_obs = jnp.concatenate([target, noisy_next_obs], axis=-1)
+        elif target is not None or bucket is not None:
+            raise ValueError("this denoiser has no interpolation inputs: build it with an interpolation (and train "
+                             "it so) to give it a target frame")
+        cond = Dense(self.cond_channels, dtype=dt, name="cond_proj_0")(cond)
         cond = Dense(self.cond_channels, dtype=dt, name="cond_proj_2")(nn.silu(cond))
         multiple = 2 ** (len(self.channels) - 1)
         if self.conditioning == "frame_stack":
@@ -185,6 +205,16 @@ class InnerModel(nn.Module):
         x = Conv(IMG_CHANNELS, kernel_init=nn.initializers.zeros, dtype=dt, name="conv_out")(
             nn.silu(GroupNorm(dt, name="norm_out")(x))).astype(jnp.float32)
         return x[:, :h, :w]
+
+
+def interpolation_from_config(d) -> Optional[interp.Interpolation]:
+    """The Interpolation of a denoiser section; None where it has none or its steps are 0 (configs without the
+    field, RL configs, the upsampler's)."""
+    ip = d.get("interpolation")
+    if ip is None or not ip.steps:
+        return None
+    return interp.Interpolation(ip.steps, ip.p_interpolate, ip.motion_weighting, ip.motion_floor,
+                                ip.intermediate_targets, ip.intermediate_power, d.training.num_autoregressive_steps)
 
 
 class Conditioners(NamedTuple):
@@ -247,6 +277,7 @@ class Denoiser:
     cross_attention: Optional[CrossAttention] = None  # the sizes of conditioning "cross_attention"
     condition_dropout: float = 0.0  # training probability of a row on null inputs; 0: no null inputs
     condition_dropout_target: str = "all"  # one of CONDITION_DROPOUT_TARGETS: what a null row loses
+    interpolation: Optional[interp.Interpolation] = None  # None: no interpolation inputs (the official model)
 
     def __post_init__(self):
         if self.action_kind not in ACTION_KINDS:
@@ -285,6 +316,7 @@ class Denoiser:
             compute_dtype=compute_dtype(config), action_kind=action_kind, conditioning=conditioning,
             cross_attention=cross_attention, condition_dropout=d.get("condition_dropout", 0.0),
             condition_dropout_target=d.get("condition_dropout_target", "all"),
+            interpolation=interpolation_from_config(d),
         )
 
     @property
@@ -296,7 +328,8 @@ class Denoiser:
     def inner_model(self) -> InnerModel:
         return InnerModel(self.num_actions, self.num_steps_conditioning, self.cond_channels, self.depths,
                           self.channels, self.attn_depths, self.compute_dtype, self.action_kind, self.conditioning,
-                          self.cross_attention, self.condition_dropout_target if self.has_null_inputs else None)
+                          self.cross_attention, self.condition_dropout_target if self.has_null_inputs else None,
+                          self.interpolation.num_buckets if self.interpolation else 0)
 
     def dummy_actions(self, b: int) -> jax.Array:
         """Actions of the right shape and dtype for b rows of conditioning (zeros)."""
@@ -309,26 +342,48 @@ class Denoiser:
         """Variables for frames of `size` (square) or (height, width)."""
         n = self.num_steps_conditioning
         h, w = (size, size) if isinstance(size, int) else size
+        extra = {}
+        if self.interpolation:
+            extra = {"target": jnp.zeros((1, h, w, IMG_CHANNELS)), "bucket": jnp.zeros((1,), jnp.int32)}
         # Jitted: eager initialisation dispatches thousands of small ops and is several times slower.
         return jax.jit(lambda key: dict(self.inner_model.init(
             init_key(key), jnp.zeros((1, h, w, IMG_CHANNELS)), jnp.zeros((1,)),
-            jnp.zeros((1, h, w, n * IMG_CHANNELS)), self.dummy_actions(1))))(key)
+            jnp.zeros((1, h, w, n * IMG_CHANNELS)), self.dummy_actions(1), **extra)))(key)
 
     def conditioners(self, sigma: jax.Array) -> Conditioners:
         cs = compute_conditioners(sigma, self.sigma_data, self.sigma_offset_noise)
         # c_in, c_out, c_skip broadcast over pixels; c_noise stays one value per row.
         return Conditioners(*(c[:, None, None, None] for c in cs[:3]), cs.c_noise)
 
+    def interpolation_inputs(self, b: int, shape, target: Optional[jax.Array],
+                             bucket: Optional[jax.Array]) -> Dict[str, jax.Array]:
+        """The inner model's target (scaled like the past frames) and bucket: none without interpolation; the
+        dropped target and bucket "no interpolation" where a model with interpolation is given none."""
+        if self.interpolation is None:
+            if target is not None or bucket is not None:
+                raise ValueError("a target frame needs a denoiser trained with interpolation: train one with "
+                                 "--config.denoiser.interpolation.steps > 0")
+            return {}
+        if target is None:
+            target = jnp.zeros((b,) + tuple(shape), jnp.float32)
+            bucket = jnp.full((b,), self.interpolation.no_interpolation, jnp.int32)
+        return {"target": target / self.sigma_data, "bucket": jnp.broadcast_to(bucket, (b,))}
+
     def model_output(self, variables: Variables, noisy_next_obs: jax.Array, obs: jax.Array, act: jax.Array,
-                     cs: Conditioners, null: Optional[jax.Array] = None) -> jax.Array:
+                     cs: Conditioners, null: Optional[jax.Array] = None, target: Optional[jax.Array] = None,
+                     bucket: Optional[jax.Array] = None) -> jax.Array:
         """F(c_in * x, c_noise, obs / sigma_data, act); obs: [b, t, h, w, c] past frames in [-1, 1]; null: [b]
-        bool, rows to run on the null inputs (a model with condition_dropout > 0 only), None for none."""
+        bool, rows to run on the null inputs (a model with condition_dropout > 0 only), None for none; target
+        [b, h, w, c] in [-1, 1] and bucket int [b] (models/interpolation.py), for a model with interpolation only:
+        None is autoregressive generation (the target dropped)."""
         extra = {} if null is None else {"null": null}
+        extra.update(self.interpolation_inputs(noisy_next_obs.shape[0], noisy_next_obs.shape[1:], target, bucket))
         return self.inner_model.apply(variables, noisy_next_obs * cs.c_in, cs.c_noise,
                                       stack_frames(obs) / self.sigma_data, act, **extra)
 
     def guided_model_output(self, variables: Variables, noisy_next_obs: jax.Array, obs: jax.Array, act: jax.Array,
-                            cs: Conditioners, guidance_scale: float) -> jax.Array:
+                            cs: Conditioners, guidance_scale: float, target: Optional[jax.Array] = None,
+                            bucket: Optional[jax.Array] = None) -> jax.Array:
         """Classifier-free guidance, the paper's equation 4: (1 + w) F(x | past, actions) - w F(x | null), both
         terms from one call on the rows stacked twice."""
         if not self.has_null_inputs:
@@ -336,16 +391,20 @@ class Denoiser:
                              "(it has no null inputs): train one so, or sample with guidance_scale 0")
         b = noisy_next_obs.shape[0]
         twice = lambda x: jnp.concatenate([x, x])  # noqa: E731
+        if target is not None:
+            target, bucket = twice(target), twice(jnp.broadcast_to(bucket, (b,)))
         output = self.model_output(variables, twice(noisy_next_obs), twice(obs), twice(act),
-                                   jax.tree.map(twice, cs), jnp.arange(2 * b) >= b)
+                                   jax.tree.map(twice, cs), jnp.arange(2 * b) >= b, target, bucket)
         return (1 + guidance_scale) * output[:b] - guidance_scale * output[b:]
 
     def wrap_model_output(self, noisy_next_obs: jax.Array, model_output: jax.Array, cs: Conditioners) -> jax.Array:
         return quantize(cs.c_skip * noisy_next_obs + cs.c_out * model_output)
 
     def denoise(self, variables: Variables, noisy_next_obs: jax.Array, sigma: jax.Array, obs: jax.Array,
-                act: jax.Array, null: Optional[jax.Array] = None, guidance_scale: float = 0.0) -> jax.Array:
-        """D(x, sigma), clipped and quantised. sigma: a scalar or one value per row; null as in model_output.
+                act: jax.Array, null: Optional[jax.Array] = None, guidance_scale: float = 0.0,
+                target: Optional[jax.Array] = None, bucket: Optional[jax.Array] = None) -> jax.Array:
+        """D(x, sigma), clipped and quantised. sigma: a scalar or one value per row; null, target and bucket as in
+        model_output.
 
         guidance_scale w > 0: classifier-free guidance (guided_model_output); as c_skip * x is common to both
         terms, this is (1 + w) D(x | past, actions) - w D(x | null) before clipping and quantisation. w = 0 is
@@ -355,12 +414,12 @@ class Denoiser:
         chex.assert_shape(obs, (b, self.num_steps_conditioning) + noisy_next_obs.shape[1:])
         cs = self.conditioners(jnp.broadcast_to(sigma, (b,)))
         if guidance_scale == 0:
-            output = self.model_output(variables, noisy_next_obs, obs, act, cs, null)
+            output = self.model_output(variables, noisy_next_obs, obs, act, cs, null, target, bucket)
         elif null is not None:
             raise ValueError("guidance combines the conditional and the null prediction of every row: pass null "
                              "only with guidance_scale 0")
         else:
-            output = self.guided_model_output(variables, noisy_next_obs, obs, act, cs, guidance_scale)
+            output = self.guided_model_output(variables, noisy_next_obs, obs, act, cs, guidance_scale, target, bucket)
         return self.wrap_model_output(noisy_next_obs, output, cs)
 
     def sample_sigma_training(self, key: jax.Array, n: int) -> jax.Array:
@@ -384,7 +443,10 @@ class Denoiser:
 
         Each frame after the first is predicted from a context whose newest frame is the model's own
         (clipped, quantised, gradient-free) denoised output for the frame before, as in the official trainer.
+        With interpolation: the dual-purpose loss of models/interpolation.py instead.
         """
+        if self.interpolation is not None:
+            return interp.loss(self, params, buffers, batch, key)
         n = self.num_steps_conditioning
         b, t = batch.act.shape[:2]
         chex.assert_shape(batch.obs, (b, t, None, None, IMG_CHANNELS))

@@ -98,11 +98,15 @@ def sample(denoise: DenoiseFn, key: jax.Array, shape, cfg: SamplerConfig, x_star
 
 def sample_next_obs(denoiser, variables, key: jax.Array, obs: jax.Array, act: jax.Array, cfg: SamplerConfig,
                     x_start: Optional[jax.Array] = None, return_trajectory: bool = False,
-                    null: Optional[jax.Array] = None) -> Union[jax.Array, Tuple[jax.Array, jax.Array]]:
+                    null: Optional[jax.Array] = None, target: Optional[jax.Array] = None,
+                    bucket: Optional[jax.Array] = None) -> Union[jax.Array, Tuple[jax.Array, jax.Array]]:
     """The next frame [b, h, w, c] after past frames obs [b, t, h, w, c] and past actions act [b, t], guided by
     cfg.guidance_scale; x_start and return_trajectory as in `sample`. null: [b] bool, rows drawn on the null
-    inputs (unconditionally, a model trained with condition_dropout > 0), with guidance_scale 0 only."""
+    inputs (unconditionally, a model trained with condition_dropout > 0), with guidance_scale 0 only. target and
+    bucket: the interpolation inputs of a denoiser trained with interpolation (models/interpolation.py), None for
+    autoregressive generation."""
     b, _, h, w, c = obs.shape
     return sample(lambda x, sigma: denoiser.denoise(variables, x, sigma, obs, act, null,
-                                                    guidance_scale=cfg.guidance_scale),
+                                                    guidance_scale=cfg.guidance_scale, target=target,
+                                                    bucket=bucket),
                   key, (b, h, w, c), cfg, x_start, return_trajectory)

@@ -59,6 +59,7 @@ def validate(c: config_dict.ConfigDict) -> None:
         _validate_model(c, name)
         _validate_sampler(c, f"{name}.sampler" if name == "upsampler" else "sampler")
     check_conditioning(c, "sampler")
+    _validate_interpolation(c)
     _positive_int(c, "denoiser.training.num_autoregressive_steps", "training.num_steps", "training.log_every",
                   "training.test_every", "training.test_batches", "training.video_rows", "training.video_steps",
                   "checkpoint.every_steps", "checkpoint.keep")
@@ -119,6 +120,32 @@ def _validate_model(c: config_dict.ConfigDict, name: str) -> None:
                  "use a multiple of 8")
 
 
+def _validate_interpolation(c: config_dict.ConfigDict) -> None:
+    """denoiser.interpolation (configs saved before it existed lack it: no interpolation)."""
+    ip = c.denoiser.get("interpolation")
+    if ip is None:
+        return
+    if not isinstance(ip.steps, int) or isinstance(ip.steps, bool) or ip.steps < 0:
+        fail("denoiser.interpolation.steps", ip.steps, "must be an integer >= 0", "use 0 (off) or e.g. 10 (the "
+             "paper's)")
+    if not ip.steps:
+        return
+    p = ip.p_interpolate
+    if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 <= p <= 1:
+        fail("denoiser.interpolation.p_interpolate", p, "must be a probability in [0, 1]", "use e.g. 0.25 (the "
+             "paper's)")
+    for name in ("motion_weighting", "intermediate_targets"):
+        if not isinstance(ip[name], bool):
+            fail(f"denoiser.interpolation.{name}", ip[name], "must be True or False", f"set "
+                 f"--config.denoiser.interpolation.{name}=True or False")
+    _positive(c, "denoiser.interpolation.motion_floor", "denoiser.interpolation.intermediate_power")
+    ar = c.denoiser.training.num_autoregressive_steps
+    if isinstance(ar, int) and ar > ip.steps:
+        fail("denoiser.training.num_autoregressive_steps", ar, f"must be <= denoiser.interpolation.steps "
+             f"({ip.steps}): the predicted frames of a segment lie inside its interpolation", "lower it, or raise "
+             "the interpolation steps")
+
+
 def _validate_sampler(c: config_dict.ConfigDict, field: str) -> None:
     s = _get(c, field)
     _positive_int(c, f"{field}.num_steps_denoising")
@@ -127,6 +154,14 @@ def _validate_sampler(c: config_dict.ConfigDict, field: str) -> None:
         fail(f"{field}.sigma_min", s.sigma_min, f"must be < sigma_max ({s.sigma_max})", "swap or change the two")
     if s.order not in (1, 2):
         fail(f"{field}.order", s.order, "must be 1 (Euler) or 2 (Heun)", "set 1 or 2")
+
+
+def denoiser_segment_length(c: config_dict.ConfigDict) -> int:
+    """Frames per denoiser training segment: the context and the predicted frames, or with interpolation the
+    context and the m frames up to the target."""
+    n = c.denoiser.inner_model.num_steps_conditioning
+    steps = c.denoiser.get("interpolation", {}).get("steps", 0)
+    return n + (steps if steps else c.denoiser.training.num_autoregressive_steps)
 
 
 def full_resolution(c: config_dict.ConfigDict, frame_shape: Tuple[int, int]) -> Tuple[int, int]:
@@ -140,8 +175,7 @@ def check_dataset(c: config_dict.ConfigDict, action_kind: str, frame_shape: Tupl
     if c.action_kind != action_kind:
         raise ConfigError(f"config.action_kind={c.action_kind!r} but the dataset {path} has {action_kind} actions. "
                           f"Fix: --config.action_kind={action_kind}")
-    needed = {"denoiser": c.denoiser.inner_model.num_steps_conditioning
-              + c.denoiser.training.num_autoregressive_steps}
+    needed = {"denoiser": denoiser_segment_length(c)}
     if c.upsampler.enabled:
         needed["upsampler"] = c.upsampler.inner_model.num_steps_conditioning + 1
     for name, length in needed.items():

@@ -9,6 +9,9 @@ denoiser's resolution and, with an upsampler, at full resolution. Also the sampl
 drawn frame, as the Diffusion World Models paper reports Hz) and the action sensitivity: from the same context
 and the same noise, how much the drawn frame changes when only the last action changes, against how much it
 changes when only the noise changes.
+
+With `recovery` (world_model/drift.py), the open-loop rollouts detect drift and recover from it by interpolating
+toward the nearest frame of a buffer of training frames (a denoiser trained with interpolation).
 """
 
 import dataclasses
@@ -21,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from diamond_jax.data.recorded import ActionSpec, RecordedDataset
-from diamond_jax.world_model import metrics
+from diamond_jax.world_model import drift, metrics
 from diamond_jax.world_model.model import Frames, WorldModel
 from diamond_jax.world_model.run import LoadedRun
 
@@ -37,6 +40,8 @@ class EvalOptions:
     fvd_length: int = 16
     seed: int = 0
     timing_calls: int = 10
+    recovery: bool = False  # open-loop rollouts with drift detection and recovery (world_model/drift.py)
+    drift_config: drift.DriftConfig = drift.DriftConfig()  # its detectors (recovery is set from `recovery`)
 
 
 def to_uint8(x: jax.Array) -> np.ndarray:
@@ -89,6 +94,12 @@ class Evaluator:
         self.notes: List[str] = list(weights.skipped)
         self._step = jax.jit(self.model.step)
         self._rollout = jax.jit(self.model.rollout, static_argnums=(4,))
+        if options.recovery:
+            cfg = dataclasses.replace(options.drift_config, recovery=True)
+            buffer = drift.sample_buffer(dataset, self.model, cfg.buffer_size, options.seed)
+            drift.recovery_inputs(self.model, buffer, cfg)  # refuses a denoiser without interpolation
+            self._rollout = jax.jit(lambda v, k, c, a, t: drift.rollout(self.model, v, k, c, a, t, buffer, cfg)[0],
+                                    static_argnums=(4,))
 
     def segments(self):
         """Test segments as long as the longest horizon allows; the horizons that fit."""

@@ -99,15 +99,17 @@ class WorldModel:
         """Recorded uint8 frames as the models see them."""
         return Frames(self.low_res(frames), None if self.upsampler is None else self.full_res(frames))
 
-    def step(self, variables: Variables, key: jax.Array, context: Frames, act: jax.Array) -> Frames:
+    def step(self, variables: Variables, key: jax.Array, context: Frames, act: jax.Array,
+             target: Optional[jax.Array] = None, bucket: Optional[jax.Array] = None) -> Frames:
         """The next frame after a context (low: [b, n, h, w, 3]; full: its last num_past frames at full
-        resolution, or None) and its n actions."""
+        resolution, or None) and its n actions. target [b, h, w, 3] and bucket int [b]: the denoiser's
+        interpolation inputs (world_model/drift.py), None for plain autoregressive generation."""
         b, n = context.low.shape[:2]
         chex.assert_equal(n, self.num_steps_conditioning)
         key_low, key_full = jax.random.split(key)
         null = jnp.ones((b,), bool) if self.unconditional else None
         low = sample_next_obs(self.denoiser, variables["denoiser"], key_low, context.low, act, self.sampler,
-                              null=null)
+                              null=null, target=target, bucket=bucket)
         if self.upsampler is None:
             return Frames(low, None)
         past = context.full[:, context.full.shape[1] - self.upsampler.num_past:]

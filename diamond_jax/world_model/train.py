@@ -26,7 +26,7 @@ from diamond_jax.training.checkpoint import RunCheckpointer
 from diamond_jax.training.logger import RunLogger
 from diamond_jax.training.loop import NonFiniteLoss, Preempted
 from diamond_jax.training.workdir import open_workdir
-from diamond_jax.world_model.config import check_dataset
+from diamond_jax.world_model.config import check_dataset, denoiser_segment_length
 from diamond_jax.world_model.model import Frames, WorldModel
 from diamond_jax.world_model.run import CHECKPOINTS, DATASET_FILE, fresh_state, model_names
 
@@ -38,7 +38,7 @@ RESULTS_FILE = "results.json"
 
 def segment_length(config: config_dict.ConfigDict, name: str) -> int:
     if name == "denoiser":
-        return config.denoiser.inner_model.num_steps_conditioning + config.denoiser.training.num_autoregressive_steps
+        return denoiser_segment_length(config)
     return config.upsampler.inner_model.num_steps_conditioning + 1
 
 

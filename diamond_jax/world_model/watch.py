@@ -11,8 +11,13 @@ and play tools (diamond_jax/dream.py, play.py) do for such a run.
   action names with the RL play tool's (w a s d, space), others with NUMBERED_KEYS; a multi-hot action's
   components (as many) are toggled by NUMBERED_KEYS; continuous actions come from --actions only.
 - What is shown: the upsampler's full-resolution frames when the run has one, else the denoiser's.
+- Recovery (--recovery, a denoiser trained with interpolation): drift is detected as frames are drawn and
+  recovered from by interpolating toward the nearest frame of a buffer of training frames (world_model/drift.py,
+  its DriftConfig's thresholds); dream then also writes drift.json, the detections and recovered frames per row.
 """
 
+import dataclasses
+import json
 import os
 from pathlib import Path
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
@@ -30,6 +35,7 @@ from diamond_jax.play_env import (
     HeldKeys, ImaginedPlayEnv, PlayControls, PlaySession, Transition, UsageError, action_keys, key_table, keymap,
     noop_action, to_frame)
 from diamond_jax.video import grid, upscale, write_video
+from diamond_jax.world_model import drift
 from diamond_jax.world_model.model import Frames, advance
 from diamond_jax.world_model.run import DATASET_FILE, LoadedRun, load_run
 
@@ -167,12 +173,17 @@ def shown(frames: Frames) -> jax.Array:
 # ---- python -m diamond_jax.dream
 
 
+def recovery_config(recovery: bool) -> drift.DriftConfig:
+    return dataclasses.replace(drift.DriftConfig(), recovery=recovery)
+
+
 def dream(workdir: str, num_steps: int, out: Optional[str] = None, fmt: str = "mp4", seed: int = 0, rows: int = 4,
           fps: float = 15.0, scale: int = 4, actions: str = EPISODE, dataset_path: Optional[str] = None,
-          sampling: Sampling = Sampling()) -> Dict[str, Any]:
+          sampling: Sampling = Sampling(), recovery: bool = False) -> Dict[str, Any]:
     """Open-loop rollouts of num_steps steps from `rows` real contexts: imagination.<fmt> (the rows side by
     side), and with the episodes' own actions real_vs_imagined.<fmt> and the PSNR files. Returns the paths, the
-    frames and the actions played (and the PSNR [rows, steps])."""
+    frames and the actions played (and the PSNR [rows, steps]). recovery: drift detection and recovery (module
+    docstring), and drift.json."""
     run, dataset = open_run(workdir, dataset_path, sampling)
     model, n = run.model, run.model.num_steps_conditioning
     rng = np.random.default_rng(seed)
@@ -195,8 +206,19 @@ def dream(workdir: str, num_steps: int, out: Optional[str] = None, fmt: str = "m
     if not compare:
         act = np.concatenate([act, played], axis=1)
     context = model.frames(jnp.asarray(obs[:, :n]))
-    rollout = jax.jit(model.rollout, static_argnums=(4,))
-    drawn = rollout(run.variables, jax.random.key(seed), context, jnp.asarray(act), num_steps)
+    scores = None
+    if recovery:
+        cfg = recovery_config(True)
+        buffer = drift.sample_buffer(dataset, model, cfg.buffer_size, seed)
+        try:
+            drift.recovery_inputs(model, buffer, cfg)
+        except ValueError as error:
+            raise UsageError(f"--recovery: {error}") from error
+        rollout = jax.jit(lambda v, k, c, a: drift.rollout(model, v, k, c, a, num_steps, buffer, cfg))
+        drawn, scores = rollout(run.variables, jax.random.key(seed), context, jnp.asarray(act))
+    else:
+        rollout = jax.jit(model.rollout, static_argnums=(4,))
+        drawn = rollout(run.variables, jax.random.key(seed), context, jnp.asarray(act), num_steps)
     # Every video starts with the last context frame, then shows one frame per step: num_steps + 1 frames.
     imagined = np.concatenate([to_frame(shown(context)[:, -1:]), to_frame(shown(drawn))], axis=1)
     out_dir = Path(out) if out else Path(workdir) / "dream"
@@ -204,6 +226,13 @@ def dream(workdir: str, num_steps: int, out: Optional[str] = None, fmt: str = "m
     paths = {"imagination": write_video(out_dir / f"imagination.{fmt}",
                                         grid([upscale(row, scale) for row in imagined]), fps)}
     result = {"paths": paths, "imagined": imagined, "act": act[:, n - 1:], "starts": starts}
+    if scores is not None:
+        summary = {"detections_per_row": np.asarray(scores.fired).sum(axis=1).tolist(),
+                   "recovered_frames_per_row": np.asarray(scores.recovering).sum(axis=1).tolist(),
+                   "config": dataclasses.asdict(recovery_config(True))}
+        paths["drift"] = out_dir / "drift.json"
+        paths["drift"].write_text(json.dumps(summary, indent=2))
+        result["drift"] = summary
     if compare:
         real = to_frame(shown(model.frames(jnp.asarray(obs[:, n - 1:]))))
         comparison = Comparison(real, imagined, act[:, n - 1:])
@@ -230,9 +259,19 @@ class RecordedPlayEnv(ImaginedPlayEnv):
     steps (0: no limit) or until the actions to play run out: those recorded after the context, or the rows of
     `script`. A human's action replaces the one to play; a reward or an end are never drawn (no such model)."""
 
-    def __init__(self, run: LoadedRun, dataset: RecordedDataset, horizon: int, script: Optional[np.ndarray] = None):
+    def __init__(self, run: LoadedRun, dataset: RecordedDataset, horizon: int, script: Optional[np.ndarray] = None,
+                 recovery: bool = False):
         self.run, self.dataset, self.horizon, self.script = run, dataset, horizon, script
         self._step = jax.jit(run.model.step)
+        self.drift_state: Optional[drift.DriftState] = None
+        self._drift_step = None
+        if recovery:  # drift detection and recovery (world_model/drift.py), the state carried across steps
+            cfg = recovery_config(True)
+            inputs = drift.recovery_inputs(run.model, drift.sample_buffer(dataset, run.model, cfg.buffer_size, 0),
+                                           cfg)
+            self.drift_config = cfg
+            self._drift_step = jax.jit(lambda v, state, window, key: drift.step(run.model, v, cfg, inputs, state,
+                                                                              window, key))
         self.context: Optional[Frames] = None
         self.past: Optional[np.ndarray] = None  # the actions on the context's frames but the last
         self.to_play: Optional[np.ndarray] = None
@@ -247,14 +286,20 @@ class RecordedPlayEnv(ImaginedPlayEnv):
         self.past = episode.act[s:s + n - 1]
         self.to_play = episode.act[s + n - 1:] if self.script is None else self.script
         self.t = 0
+        if self._drift_step is not None:
+            self.drift_state = drift.init_state(self.context, self.drift_config)
 
     @property
     def frame(self) -> np.ndarray:
         return to_frame(shown(self.context)[0, -1])
 
     def draw(self, key: jax.Array, window: np.ndarray) -> Frames:
-        """The world model's frame after the context and its n actions, `window`."""
-        return self._step(self.run.variables, key, self.context, jnp.asarray(window)[None])
+        """The world model's frame after the context and its n actions, `window` (recovered, with recovery)."""
+        if self._drift_step is None:
+            return self._step(self.run.variables, key, self.context, jnp.asarray(window)[None])
+        self.drift_state, (frame, _) = self._drift_step(self.run.variables, self.drift_state,
+                                                        jnp.asarray(window)[None], key)
+        return frame
 
     def step(self, human_act: Any, key: jax.Array) -> Transition:
         act = self.to_play[self.t] if human_act is None else np.asarray(human_act, self.to_play.dtype)
@@ -315,8 +360,8 @@ def no_keyboard(spec: ActionSpec, title: str, source: str) -> str:
 
 
 def play_session(workdir: str, seed: int, horizon: int, human: bool, actions: str = EPISODE,
-                 dataset_path: Optional[str] = None,
-                 sampling: Sampling = Sampling()) -> Tuple[PlaySession, PlayControls]:
+                 dataset_path: Optional[str] = None, sampling: Sampling = Sampling(),
+                 recovery: bool = False) -> Tuple[PlaySession, PlayControls]:
     """The play tool's session inside a world model of recorded play: one env, the world model."""
     run, dataset = open_run(workdir, dataset_path, sampling)
     if actions == RANDOM:
@@ -329,5 +374,8 @@ def play_session(workdir: str, seed: int, horizon: int, human: bool, actions: st
     if human and play_controls.key_action is None:
         raise UsageError(no_keyboard(dataset.action, title, actions) + " Fix: drop --human (use --script for the "
                          "controls, --actions for the actions).")
-    env = RecordedPlayEnv(run, dataset, horizon, script)
+    try:
+        env = RecordedPlayEnv(run, dataset, horizon, script, recovery)
+    except ValueError as error:
+        raise UsageError(f"--recovery: {error}") from error
     return PlaySession([env], jax.random.key(seed), human=human), play_controls
