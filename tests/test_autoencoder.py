@@ -255,3 +255,82 @@ def test_command_line_trains_and_resumes(blocks, tmp_path):
     assert (tmp_path / "export" / "autoencoder.json").exists()
     bad = subprocess.run(args[:-1] + ["--config.loss.pixel=l3"], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2 and "config.loss.pixel='l3'" in bad.stderr
+
+
+# ---- The latent world model, on the autoencoder trained above.
+
+
+def wm_config(**overrides):
+    from configs import world_model as wm_configs
+    from tests.conftest import with_fields
+
+    return with_fields(wm_configs.get_config("debug"), **overrides)
+
+
+@pytest.fixture(scope="module")
+def latent_run(blocks, ae_run, tmp_path_factory):
+    from diamond_jax.world_model.train import WorldModelTrainer
+
+    workdir = str(tmp_path_factory.mktemp("latent_run"))
+    config = wm_config(**{"denoiser.space": "latent", "autoencoder.path": ae_run[0]})
+    trainer = WorldModelTrainer(config, blocks.path, workdir, mesh=one_device_mesh())
+    results = trainer.run()
+    return workdir, results
+
+
+def test_a_latent_world_model_trains_on_latents_with_a_measured_sigma_data(blocks, ae_run, latent_run):
+    from diamond_jax.world_model.run import load_run
+
+    workdir, results = latent_run
+    assert results["steps"] == 6 and np.isfinite(results["test_loss"]["denoiser"])
+    record = json.loads(Path(workdir, "latent.json").read_text())
+    # sigma_data: the std of every value of the encoded training frames, computed here from the exported
+    # autoencoder and the dataset's frames (16x16 already: no resize).
+    autoencoder, variables = export.load_export(ae_run[0])
+    values = np.concatenate([np.asarray(autoencoder.encode(
+        variables, jnp.asarray(blocks.episode(e).obs, jnp.float32) / 127.5 - 1)).ravel()
+        for e in blocks.episode_ids("train")])
+    assert record["sigma_data_measured"] and record["sigma_data"] == pytest.approx(values.std(), rel=1e-4)
+    assert record["latent_shape"] == [8, 8, 4]
+    run = load_run(workdir)
+    assert run.model.denoiser.sigma_data == record["sigma_data"] and run.model.denoiser.img_channels == 4
+    assert not run.model.denoiser.quantize and run.model.denoised_size == (8, 8)
+    # The run keeps its own copy of the autoencoder.
+    for a, b in zip(jax.tree.leaves(run.variables["autoencoder"]), jax.tree.leaves(variables)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_latent_world_model_draws_decoded_frames_and_is_evaluated_on_them(blocks, latent_run):
+    from diamond_jax.world_model import evaluate, metrics
+    from diamond_jax.world_model.model import frames_window
+    from diamond_jax.world_model.run import load_run
+
+    run = load_run(latent_run[0])
+    obs = jnp.asarray(blocks.sample(np.random.default_rng(0), 2, 5, "test").obs)
+    real = run.model.frames(obs, run.variables)
+    assert real.low.shape == (2, 5, 16, 16, 3) and real.latent.shape == (2, 5, 8, 8, 4) and real.full is None
+    drawn = run.model.rollout(run.variables, jax.random.key(0), frames_window(real, slice(None), 0, 2),
+                              jnp.zeros((2, 4), jnp.int32), 3)
+    assert drawn.low.shape == (2, 3, 16, 16, 3) and drawn.latent.shape == (2, 3, 8, 8, 4)
+    # Each shown frame is its latent decoded, on the 256-level grid.
+    ae = run.model.autoencoder
+    np.testing.assert_allclose(drawn.low, ae.decode_frames(run.variables["autoencoder"], drawn.latent), atol=1e-6)
+    np.testing.assert_allclose((np.asarray(drawn.low) + 1) * 127.5, np.round((np.asarray(drawn.low) + 1) * 127.5),
+                               atol=1e-3)
+    options = evaluate.EvalOptions(num_segments=2, horizons=(1, 2), batch_size=2, fvd_length=2, timing_calls=1)
+    results = evaluate.Evaluator(run, blocks, metrics.MetricWeights(None, None, []), options).run()
+    assert results["space"] == "latent" and results["open_loop"]["low"]["psnr_db"][0] > 0
+    assert results["autoencoder_ceiling"]["psnr_db"] > 0 and "ssim" in results["autoencoder_ceiling"]
+
+
+def test_latent_configs_are_checked(ae_run):
+    from diamond_jax.config import ConfigError
+    from diamond_jax.world_model import config as wm_cfg
+
+    with pytest.raises(ConfigError, match="autoencoder.path=''.*Fix: pass --config.autoencoder.path="):
+        wm_cfg.validate(wm_config(**{"denoiser.space": "latent"}))
+    with pytest.raises(ConfigError, match="upsampler.enabled=True: is not supported with denoiser.space 'latent'"):
+        wm_cfg.validate(wm_config(**{"denoiser.space": "latent", "autoencoder.path": ae_run[0],
+                                     "upsampler.enabled": True}))
+    with pytest.raises(ConfigError, match="denoiser.space='voxel'"):
+        wm_cfg.validate(wm_config(**{"denoiser.space": "voxel"}))

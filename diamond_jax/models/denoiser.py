@@ -133,6 +133,7 @@ class InnerModel(nn.Module):
     conditioning: str = "frame_stack"  # one of CONDITIONINGS
     cross_attention: Optional[CrossAttention] = None  # with conditioning "cross_attention"
     null_target: Optional[str] = None  # None or one of CONDITION_DROPOUT_TARGETS
+    img_channels: int = IMG_CHANNELS  # channels of a frame: RGB, or a latent world model's latent channels
 
     def action_embedding(self, act: jax.Array) -> jax.Array:
         """[b, cond_channels]: one embedding of cond_channels / n per past action, concatenated (0 without
@@ -150,8 +151,8 @@ class InnerModel(nn.Module):
         null inputs (None: none), only for a model with null inputs."""
         b, h, w, _ = noisy_next_obs.shape
         n = self.num_steps_conditioning
-        chex.assert_shape(noisy_next_obs, (b, None, None, IMG_CHANNELS))
-        chex.assert_shape(obs, (b, h, w, n * IMG_CHANNELS))
+        chex.assert_shape(noisy_next_obs, (b, None, None, self.img_channels))
+        chex.assert_shape(obs, (b, h, w, n * self.img_channels))
         act_emb = self.action_embedding(act)
         if self.null_target is not None:
             null = jnp.zeros((b,), bool) if null is None else null
@@ -161,7 +162,7 @@ class InnerModel(nn.Module):
                                                           (self.cond_channels,)), act_emb)
             if self.null_target == "all":
                 obs = jnp.where(null[:, None, None, None],
-                                self.param("null_obs", nn.initializers.zeros, (n * IMG_CHANNELS,)), obs)
+                                self.param("null_obs", nn.initializers.zeros, (n * self.img_channels,)), obs)
         elif null is not None:
             raise ValueError("this denoiser has no null inputs to run rows unconditionally: build it with "
                              "condition_dropout > 0 (and train it so)")
@@ -182,7 +183,7 @@ class InnerModel(nn.Module):
             contexts = [tokens[i] if i in ca.levels else None for i in range(len(self.channels))]
             x = Conv(self.channels[0], dtype=dt, name="conv_in")(pad_to_multiple(noisy_next_obs, multiple))
             x = UNet(self.depths, self.channels, self.attn_depths, dt, ca.heads, name="unet")(x, cond, contexts)
-        x = Conv(IMG_CHANNELS, kernel_init=nn.initializers.zeros, dtype=dt, name="conv_out")(
+        x = Conv(self.img_channels, kernel_init=nn.initializers.zeros, dtype=dt, name="conv_out")(
             nn.silu(GroupNorm(dt, name="norm_out")(x))).astype(jnp.float32)
         return x[:, :h, :w]
 
@@ -247,6 +248,10 @@ class Denoiser:
     cross_attention: Optional[CrossAttention] = None  # the sizes of conditioning "cross_attention"
     condition_dropout: float = 0.0  # training probability of a row on null inputs; 0: no null inputs
     condition_dropout_target: str = "all"  # one of CONDITION_DROPOUT_TARGETS: what a null row loses
+    # What it denoises: RGB frames in [-1, 1], its output clipped and snapped to the 256 levels of a uint8 frame
+    # (quantize), or a latent world model's latents of img_channels channels, left as they are.
+    img_channels: int = IMG_CHANNELS
+    quantize: bool = True
 
     def __post_init__(self):
         if self.action_kind not in ACTION_KINDS:
@@ -296,7 +301,8 @@ class Denoiser:
     def inner_model(self) -> InnerModel:
         return InnerModel(self.num_actions, self.num_steps_conditioning, self.cond_channels, self.depths,
                           self.channels, self.attn_depths, self.compute_dtype, self.action_kind, self.conditioning,
-                          self.cross_attention, self.condition_dropout_target if self.has_null_inputs else None)
+                          self.cross_attention, self.condition_dropout_target if self.has_null_inputs else None,
+                          self.img_channels)
 
     def dummy_actions(self, b: int) -> jax.Array:
         """Actions of the right shape and dtype for b rows of conditioning (zeros)."""
@@ -311,8 +317,8 @@ class Denoiser:
         h, w = (size, size) if isinstance(size, int) else size
         # Jitted: eager initialisation dispatches thousands of small ops and is several times slower.
         return jax.jit(lambda key: dict(self.inner_model.init(
-            init_key(key), jnp.zeros((1, h, w, IMG_CHANNELS)), jnp.zeros((1,)),
-            jnp.zeros((1, h, w, n * IMG_CHANNELS)), self.dummy_actions(1))))(key)
+            init_key(key), jnp.zeros((1, h, w, self.img_channels)), jnp.zeros((1,)),
+            jnp.zeros((1, h, w, n * self.img_channels)), self.dummy_actions(1))))(key)
 
     def conditioners(self, sigma: jax.Array) -> Conditioners:
         cs = compute_conditioners(sigma, self.sigma_data, self.sigma_offset_noise)
@@ -341,7 +347,8 @@ class Denoiser:
         return (1 + guidance_scale) * output[:b] - guidance_scale * output[b:]
 
     def wrap_model_output(self, noisy_next_obs: jax.Array, model_output: jax.Array, cs: Conditioners) -> jax.Array:
-        return quantize(cs.c_skip * noisy_next_obs + cs.c_out * model_output)
+        denoised = cs.c_skip * noisy_next_obs + cs.c_out * model_output
+        return quantize(denoised) if self.quantize else denoised
 
     def denoise(self, variables: Variables, noisy_next_obs: jax.Array, sigma: jax.Array, obs: jax.Array,
                 act: jax.Array, null: Optional[jax.Array] = None, guidance_scale: float = 0.0) -> jax.Array:
@@ -387,7 +394,7 @@ class Denoiser:
         """
         n = self.num_steps_conditioning
         b, t = batch.act.shape[:2]
-        chex.assert_shape(batch.obs, (b, t, None, None, IMG_CHANNELS))
+        chex.assert_shape(batch.obs, (b, t, None, None, self.img_channels))
         chex.assert_shape(batch.mask_padding, (b, t))
         seq_length = t - n
         assert seq_length >= 1, f"segments need more than {n} frames, got {t}"

@@ -187,7 +187,7 @@ def dream(workdir: str, num_steps: int, out: Optional[str] = None, fmt: str = "m
     act = np.stack([dataset.episode(e).act[s:s + length - 1] for e, s in starts])
     if not compare:
         act = np.concatenate([act, played], axis=1)
-    context = model.frames(jnp.asarray(obs[:, :n]))
+    context = jax.jit(model.frames)(jnp.asarray(obs[:, :n]), run.variables)
     rollout = jax.jit(model.rollout, static_argnums=(4,))
     drawn = rollout(run.variables, jax.random.key(seed), context, jnp.asarray(act), num_steps)
     # Every video starts with the last context frame, then shows one frame per step: num_steps + 1 frames.
@@ -198,7 +198,7 @@ def dream(workdir: str, num_steps: int, out: Optional[str] = None, fmt: str = "m
                                         grid([upscale(row, scale) for row in imagined]), fps)}
     result = {"paths": paths, "imagined": imagined, "act": act[:, n - 1:], "starts": starts}
     if compare:
-        real = to_frame(shown(model.frames(jnp.asarray(obs[:, n - 1:]))))
+        real = to_frame(shown(jax.jit(model.frames)(jnp.asarray(obs[:, n - 1:]), run.variables)))
         comparison = Comparison(real, imagined, act[:, n - 1:])
         values = psnr(real[:, 1:], imagined[:, 1:])
         paths["real_vs_imagined"] = write_video(out_dir / f"real_vs_imagined.{fmt}",
@@ -226,6 +226,7 @@ class RecordedPlayEnv(ImaginedPlayEnv):
     def __init__(self, run: LoadedRun, dataset: RecordedDataset, horizon: int, script: Optional[np.ndarray] = None):
         self.run, self.dataset, self.horizon, self.script = run, dataset, horizon, script
         self._step = jax.jit(run.model.step)
+        self._frames = jax.jit(run.model.frames)
         self.context: Optional[Frames] = None
         self.past: Optional[np.ndarray] = None  # the actions on the context's frames but the last
         self.to_play: Optional[np.ndarray] = None
@@ -236,7 +237,7 @@ class RecordedPlayEnv(ImaginedPlayEnv):
         rng = np.random.default_rng(np.asarray(jax.random.key_data(key)))
         ((e, s),) = draw_starts(self.dataset, rng, 1, n, "record longer test episodes")
         episode = self.dataset.episode(e)
-        self.context = self.run.model.frames(jnp.asarray(episode.obs[s:s + n])[None])
+        self.context = self._frames(jnp.asarray(episode.obs[s:s + n])[None], self.run.variables)
         self.past = episode.act[s:s + n - 1]
         self.to_play = episode.act[s + n - 1:] if self.script is None else self.script
         self.t = 0
