@@ -291,6 +291,11 @@ def test_a_latent_world_model_trains_on_latents_with_a_measured_sigma_data(block
         variables, jnp.asarray(blocks.episode(e).obs, jnp.float32) / 127.5 - 1)).ravel()
         for e in blocks.episode_ids("train")])
     assert record["sigma_data_measured"] and record["sigma_data"] == pytest.approx(values.std(), rel=1e-4)
+    # The encoded dataset is kept in the workdir, read back on resume instead of encoding again.
+    with np.load(Path(workdir, "latents.npz")) as cache:
+        e = blocks.episode_ids("train")[0]
+        np.testing.assert_allclose(cache[f"episode_{e}"], autoencoder.encode(
+            variables, jnp.asarray(blocks.episode(e).obs, jnp.float32) / 127.5 - 1), atol=1e-5)
     assert record["latent_shape"] == [8, 8, 4]
     run = load_run(workdir)
     assert run.model.denoiser.sigma_data == record["sigma_data"] and run.model.denoiser.img_channels == 4

@@ -1,12 +1,12 @@
-"""The data of a latent world model: the dataset's frames encoded once, at the run's start, and EDM's sigma_data
-measured on them.
+"""The data of a latent world model: the dataset's frames encoded once, at the run's first start, and EDM's
+sigma_data measured on them.
 
 Trade-off (README "Latent world models"): encoding every frame once costs one encoder pass per frame at the
-start of each run (and of each resume) and holds the latents in host memory, 4 bytes per latent value (Breakout's
-7,067 frames at 128x128 with a 4x autoencoder: 7,067 x 32 x 32 x 4 x 4 B = 116 MB); each update then reads
-latents and never runs the encoder. Encoding on the fly would hold nothing but run the encoder on every frame of
-every batch, at every update: (n + 1) x batch frames per update instead of once per frame per run. The latents
-are the posterior's means, so they do not depend on when they are encoded.
+run's first start, and 4 bytes per latent value in host memory and on disk (`<workdir>/latents.npz`, read back
+on resume; Breakout's 7,067 frames at 128x128 with a 4x autoencoder: 7,067 x 32 x 32 x 4 x 4 B = 116 MB); each
+update then reads latents and never runs the encoder. Encoding on the fly would hold nothing but run the encoder
+on every frame of every batch, at every update: (n + 1) x batch frames per update instead of once per frame per
+run. The latents are the posterior's means, so they do not depend on when they are encoded.
 
 The autoencoder is copied into the run's workdir (`autoencoder/`) at its first start, and read from there on
 resume and by the tools (load_run): the run cannot change under it when the autoencoder's own run goes on.
@@ -34,6 +34,7 @@ from diamond_jax.models.upsampler import resize_frames
 
 AUTOENCODER_DIR = "autoencoder"  # the run's copy of its autoencoder
 LATENT_FILE = "latent.json"  # sigma_data and the latents' statistics
+LATENTS_FILE = "latents.npz"  # the encoded dataset, one array per episode ("episode_<id>")
 
 
 def is_latent(config) -> bool:
@@ -105,8 +106,18 @@ def prepare(config, dataset: RecordedDataset, workdir: str, write: bool = True
     world-model run; latent.json records them at the first start and gives sigma_data back on resume."""
     autoencoder, variables = autoencoder_of_run(config, workdir)
     started = time.monotonic()
-    latents = LatentDataset(dataset, encode_episodes(autoencoder, variables, dataset, tuple(config.resolution),
-                                                     config.autoencoder.encode_batch))
+    cache = os.path.join(workdir, LATENTS_FILE)
+    if os.path.exists(cache):
+        with np.load(cache) as npz:
+            encoded = {int(k.split("_")[1]): npz[k] for k in npz.files}
+    else:
+        encoded = encode_episodes(autoencoder, variables, dataset, tuple(config.resolution),
+                                  config.autoencoder.encode_batch)
+        if write:
+            with open(cache + ".tmp", "wb") as f:
+                np.savez(f, **{f"episode_{e}": v for e, v in encoded.items()})
+            os.replace(cache + ".tmp", cache)
+    latents = LatentDataset(dataset, encoded)
     encode_s = time.monotonic() - started
     path = os.path.join(workdir, LATENT_FILE)
     if os.path.exists(path):
