@@ -153,7 +153,7 @@ def validate(c: config_dict.ConfigDict) -> None:
     if not sd.sigma_min < sd.sigma_max:
         fail("denoiser.sigma_distribution.sigma_min", sd.sigma_min,
               f"must be < sigma_max ({sd.sigma_max})", "swap or change the two values")
-    if c.denoiser.space != "pixel":
+    if c.denoiser.get("space", "pixel") != "pixel":  # configs saved before the field are pixel space
         fail("denoiser.space", c.denoiser.space, "must be 'pixel' in the reinforcement-learning loop: the "
              "actor-critic, the reward/end model and imagination work on frames (latent world models train on "
              "recorded play only, so far)", "drop the override, or train a latent world model of recorded play "

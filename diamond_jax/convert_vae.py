@@ -1,4 +1,4 @@
-"""Converts a local diffusers-format `AutoencoderKL` (Stable Diffusion's autoencoder and its kin) into the folder
+r"""Converts a local diffusers-format `AutoencoderKL` (Stable Diffusion's autoencoder and its kin) into the folder
 the latent world model reads (diamond_jax/autoencoder/export.py). Nothing is downloaded.
 
     python -m diamond_jax.convert_vae --diffusers=path/to/vae --out=runs/sd-vae

@@ -351,3 +351,14 @@ def test_the_rl_loop_refuses_latent_space():
     with pytest.raises(ConfigError, match="denoiser.space='latent': must be 'pixel' in the reinforcement-learning "
                                           "loop.*Fix: .*--config.denoiser.space=latent"):
         config_lib.validate(with_fields(atari100k.get_config("debug"), **{"denoiser.space": "latent"}))
+
+
+def test_dream_shows_a_latent_world_models_decoded_frames(blocks, latent_run, tmp_path):
+    from diamond_jax.world_model import watch
+
+    result = watch.dream(latent_run[0], num_steps=2, out=str(tmp_path), fmt="gif", rows=2, scale=1)
+    imagined = result["comparison"].imagined
+    assert imagined.shape == (2, 3, 16, 16, 3) and imagined.dtype == np.uint8
+    # The first frame shown is the real last context frame; the drawn ones follow, with their PSNR.
+    np.testing.assert_array_equal(imagined[:, 0], result["comparison"].real[:, 0])
+    assert result["psnr"].shape == (2, 2) and (tmp_path / "imagination.gif").exists()

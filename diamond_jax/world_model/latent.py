@@ -105,6 +105,7 @@ def prepare(config, dataset: RecordedDataset, workdir: str, write: bool = True
     """The autoencoder, its variables, the encoded dataset and sigma_data (measured, or the config's) of a latent
     world-model run; latent.json records them at the first start and gives sigma_data back on resume."""
     autoencoder, variables = autoencoder_of_run(config, workdir)
+    autoencoder.check_size(tuple(config.resolution))  # before any encoding
     started = time.monotonic()
     cache = os.path.join(workdir, LATENTS_FILE)
     if os.path.exists(cache):
