@@ -6,9 +6,10 @@ EXTRAS = {
     "cuda13": ["jax[cuda13]>=0.10"],
     "tpu": ["jax[tpu]>=0.10"],
     "rocm": ["jax[rocm7-local]>=0.10"],  # JAX ships no ROCm libraries: ROCm 7 must be installed on the machine
-    # Reading official PyTorch checkpoints (python -m diamond_jax.convert). On a machine without a GPU, install
+    # Reading official PyTorch checkpoints (python -m diamond_jax.convert) and diffusers autoencoders (python -m
+    # diamond_jax.convert_vae: safetensors reads .safetensors without torch). On a machine without a GPU, install
     # PyTorch's CPU build first (README), or pip brings the CUDA one, several GB.
-    "convert": ["torch>=2.1"],
+    "convert": ["torch>=2.1", "safetensors>=0.4"],
     # Playing inside a world model and writing videos (python -m diamond_jax.play / dream).
     "play": ["pygame>=2.5", "imageio>=2.30", "imageio-ffmpeg>=0.4.9", "matplotlib>=3.7"],
     # Cluster sweeps (launch/) and the results report (python -m diamond_jax.report).
@@ -18,8 +19,9 @@ EXTRAS = {
     # declaring it.
     "gymnax": ["gymnax>=1.0", "six"],
 }
-EXTRAS["test"] = sorted({"pytest>=8", "pytest-xdist>=3.5", "torch>=2.1,<2.14", *EXTRAS["play"], *EXTRAS["sweep"],
-                         *EXTRAS["gymnax"]})
+# diffusers: the reference AutoencoderKL that tests/test_autoencoder.py converts and compares against.
+EXTRAS["test"] = sorted({"pytest>=8", "pytest-xdist>=3.5", "torch>=2.1,<2.14", "diffusers>=0.31", "safetensors>=0.4",
+                         *EXTRAS["play"], *EXTRAS["sweep"], *EXTRAS["gymnax"]})
 
 setup(
     name="diamond_jax",

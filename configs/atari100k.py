@@ -93,6 +93,9 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
     # channel axis) or "cross_attention" (the core U-Net sees the noised frame only and cross-attends to the
     # activations of a history encoder run on each past frame with shared parameters).
     c.denoiser.conditioning = "frame_stack"
+    # What the denoiser draws: "pixel" only, in the RL loop. ("latent", the latents of an autoencoder, is for world
+    # models of recorded play so far: configs/world_model.py, README "Latent world models".)
+    c.denoiser.space = "pixel"
     # Masked conditioning: the training probability that a row's conditioning is replaced by learned null
     # inputs (the paper: typically 0.2), which lets the model run unconditionally and be sampled with
     # classifier-free guidance (world_model_env.sampler.guidance_scale). 0 = never, and no null parameters

@@ -97,6 +97,9 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
     c.denoiser.interpolation.motion_floor = 0.1  # ...a still segment's weight, relative to (1 + an average one)
     c.denoiser.interpolation.intermediate_targets = False  # step s sees a blend of current frame and target
     c.denoiser.interpolation.intermediate_power = 2.0  # ...the target's weight ((s + 1) / m) ** power (2: quadratic)
+    # What the denoiser draws: "pixel" (frames at `resolution`) or "latent" (the latents of the autoencoder at
+    # autoencoder.path, decoded into the frames shown and scored; README "Latent world models").
+    c.denoiser.space = "pixel"
     c.sampler = _sampler(3, 2e-3, 1, 0.0, 0.0, float("inf"), 1.0)  # DIAMOND's: 3 Euler steps
     # Classifier-free guidance weight w (the paper's equation 4); 0 = plain conditional sampling. w > 0 needs
     # denoiser.condition_dropout > 0.
@@ -110,6 +113,16 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
     c.upsampler.resolution = ()
     # The official CS:GO release's upsampling sampler: one Heun step with churn.
     c.upsampler.sampler = _sampler(1, 1.0, 2, 10.0, 1.0, 5.0, 0.9)
+
+    # The autoencoder of denoiser.space "latent" (unused in pixel space).
+    c.autoencoder = config_dict.ConfigDict()
+    # Its folder: the --workdir of python -m diamond_jax.autoencoder, or the --out of python -m
+    # diamond_jax.convert_vae. It is copied into the run's workdir at the first start.
+    c.autoencoder.path = ""
+    # EDM's sigma_data in latent units (it replaces denoiser.sigma_data); 0 = measured at the first start as the
+    # std of every value of the encoded training frames, and kept in <workdir>/latent.json.
+    c.autoencoder.sigma_data = 0.0
+    c.autoencoder.encode_batch = 32  # frames per encoder call when the dataset is encoded at the start
 
     c.training = config_dict.ConfigDict()
     c.training.num_steps = 50_000  # updates of each model
@@ -153,3 +166,4 @@ def shrink_for_debug(c: config_dict.ConfigDict) -> None:
     c.training.video_rows = 2
     c.training.video_steps = 3
     c.checkpoint.every_steps = 4
+    c.autoencoder.encode_batch = 8

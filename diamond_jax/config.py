@@ -153,6 +153,11 @@ def validate(c: config_dict.ConfigDict) -> None:
     if not sd.sigma_min < sd.sigma_max:
         fail("denoiser.sigma_distribution.sigma_min", sd.sigma_min,
               f"must be < sigma_max ({sd.sigma_max})", "swap or change the two values")
+    if c.denoiser.get("space", "pixel") != "pixel":  # configs saved before the field are pixel space
+        fail("denoiser.space", c.denoiser.space, "must be 'pixel' in the reinforcement-learning loop: the "
+             "actor-critic, the reward/end model and imagination work on frames (latent world models train on "
+             "recorded play only, so far)", "drop the override, or train a latent world model of recorded play "
+             "with python -m diamond_jax.world_model --config.denoiser.space=latent")
     im = c.denoiser.inner_model
     positive_int("denoiser.inner_model.num_steps_conditioning", "denoiser.inner_model.cond_channels",
                  "denoiser.training.num_autoregressive_steps")

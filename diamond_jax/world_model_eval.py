@@ -157,6 +157,10 @@ def main(argv) -> None:
         print(f"{level} {results['resolution'][level]}: one step PSNR {one['psnr_db']} dB, SSIM {one['ssim']:.3f}; "
               f"open loop at horizons {results['horizons']}: PSNR {[round(v, 2) if v else v for v in loop['psnr_db']]}"
               f", FVD {results['fvd'][level]}")
+    if "autoencoder_ceiling" in results:
+        ceiling = results["autoencoder_ceiling"]
+        print(f"autoencoder alone (real frames encoded and decoded, the latent model's ceiling): PSNR "
+              f"{ceiling['psnr_db']} dB, SSIM {ceiling.get('ssim')}")
     s, a = results["sampling"], results["action_sensitivity"]
     print(f"sampling: {', '.join(f'{k} {v:.1f}' for k, v in s.items())}; action sensitivity: "
           f"{a['action_mean_abs_levels']:.2f} levels per pixel when the action changes, "

@@ -146,10 +146,11 @@ class RecordedDataset:
     def num_frames(self, split: str) -> int:
         return int(self.lengths(split).sum())
 
-    def sample(self, rng: np.random.Generator, batch_size: int, seq_length: int, split: str = "train") -> Segments:
-        """batch_size windows of seq_length consecutive frames, each inside one episode: an episode is drawn
-        with probability proportional to its number of windows, T - seq_length + 1 (so that every window of
-        the split is equally likely), then a start uniformly."""
+    def sample_windows(self, rng: np.random.Generator, batch_size: int, seq_length: int,
+                       split: str = "train") -> List[Tuple[int, int]]:
+        """(episode id, start) of batch_size windows of seq_length consecutive frames, each inside one episode: an
+        episode is drawn with probability proportional to its number of windows, T - seq_length + 1 (so that every
+        window of the split is equally likely), then a start uniformly."""
         ids, lengths = np.array(self.episode_ids(split), np.int64), self.lengths(split)
         windows = np.maximum(lengths - seq_length + 1, 0)
         if seq_length < 1 or not windows.any():
@@ -158,7 +159,11 @@ class RecordedDataset:
                              "or record longer episodes.")
         chosen = rng.choice(len(ids), size=batch_size, p=windows / windows.sum())
         starts = rng.integers(0, windows[chosen])
-        parts = [self._window(int(ids[c]), int(s), seq_length) for c, s in zip(chosen, starts)]
+        return [(int(ids[c]), int(s)) for c, s in zip(chosen, starts)]
+
+    def sample(self, rng: np.random.Generator, batch_size: int, seq_length: int, split: str = "train") -> Segments:
+        """batch_size windows of seq_length consecutive frames (sample_windows), with their frames and steps."""
+        parts = [self._window(e, s, seq_length) for e, s in self.sample_windows(rng, batch_size, seq_length, split)]
         return Segments(*(np.stack(field) for field in zip(*parts)))
 
     def _window(self, episode_id: int, start: int, length: int) -> Tuple[np.ndarray, ...]:

@@ -140,6 +140,7 @@ class InnerModel(nn.Module):
     cross_attention: Optional[CrossAttention] = None  # with conditioning "cross_attention"
     null_target: Optional[str] = None  # None or one of CONDITION_DROPOUT_TARGETS
     interpolation_buckets: int = 0  # m + 1 bucket embeddings and a target-frame input; 0: neither
+    img_channels: int = IMG_CHANNELS  # channels of a frame: RGB, or a latent world model's latent channels
 
     def action_embedding(self, act: jax.Array) -> jax.Array:
         """[b, cond_channels]: one embedding of cond_channels / n per past action, concatenated (0 without
@@ -159,8 +160,8 @@ class InnerModel(nn.Module):
         the interpolation inputs, for a model with interpolation buckets only (and then both given)."""
         b, h, w, _ = noisy_next_obs.shape
         n = self.num_steps_conditioning
-        chex.assert_shape(noisy_next_obs, (b, None, None, IMG_CHANNELS))
-        chex.assert_shape(obs, (b, h, w, n * IMG_CHANNELS))
+        chex.assert_shape(noisy_next_obs, (b, None, None, self.img_channels))
+        chex.assert_shape(obs, (b, h, w, n * self.img_channels))
         act_emb = self.action_embedding(act)
         if self.null_target is not None:
             null = jnp.zeros((b,), bool) if null is None else null
@@ -170,7 +171,7 @@ class InnerModel(nn.Module):
                                                           (self.cond_channels,)), act_emb)
             if self.null_target == "all":
                 obs = jnp.where(null[:, None, None, None],
-                                self.param("null_obs", nn.initializers.zeros, (n * IMG_CHANNELS,)), obs)
+                                self.param("null_obs", nn.initializers.zeros, (n * self.img_channels,)), obs)
         elif null is not None:
             raise ValueError("this denoiser has no null inputs to run rows unconditionally: build it with "
                              "condition_dropout > 0 (and train it so)")
@@ -202,7 +203,7 @@ class InnerModel(nn.Module):
             contexts = [tokens[i] if i in ca.levels else None for i in range(len(self.channels))]
             x = Conv(self.channels[0], dtype=dt, name="conv_in")(pad_to_multiple(noisy_next_obs, multiple))
             x = UNet(self.depths, self.channels, self.attn_depths, dt, ca.heads, name="unet")(x, cond, contexts)
-        x = Conv(IMG_CHANNELS, kernel_init=nn.initializers.zeros, dtype=dt, name="conv_out")(
+        x = Conv(self.img_channels, kernel_init=nn.initializers.zeros, dtype=dt, name="conv_out")(
             nn.silu(GroupNorm(dt, name="norm_out")(x))).astype(jnp.float32)
         return x[:, :h, :w]
 
@@ -278,6 +279,10 @@ class Denoiser:
     condition_dropout: float = 0.0  # training probability of a row on null inputs; 0: no null inputs
     condition_dropout_target: str = "all"  # one of CONDITION_DROPOUT_TARGETS: what a null row loses
     interpolation: Optional[interp.Interpolation] = None  # None: no interpolation inputs (the official model)
+    # What it denoises: RGB frames in [-1, 1], its output clipped and snapped to the 256 levels of a uint8 frame
+    # (quantize), or a latent world model's latents of img_channels channels, left as they are.
+    img_channels: int = IMG_CHANNELS
+    quantize: bool = True
 
     def __post_init__(self):
         if self.action_kind not in ACTION_KINDS:
@@ -329,7 +334,7 @@ class Denoiser:
         return InnerModel(self.num_actions, self.num_steps_conditioning, self.cond_channels, self.depths,
                           self.channels, self.attn_depths, self.compute_dtype, self.action_kind, self.conditioning,
                           self.cross_attention, self.condition_dropout_target if self.has_null_inputs else None,
-                          self.interpolation.num_buckets if self.interpolation else 0)
+                          self.interpolation.num_buckets if self.interpolation else 0, self.img_channels)
 
     def dummy_actions(self, b: int) -> jax.Array:
         """Actions of the right shape and dtype for b rows of conditioning (zeros)."""
@@ -347,8 +352,8 @@ class Denoiser:
             extra = {"target": jnp.zeros((1, h, w, IMG_CHANNELS)), "bucket": jnp.zeros((1,), jnp.int32)}
         # Jitted: eager initialisation dispatches thousands of small ops and is several times slower.
         return jax.jit(lambda key: dict(self.inner_model.init(
-            init_key(key), jnp.zeros((1, h, w, IMG_CHANNELS)), jnp.zeros((1,)),
-            jnp.zeros((1, h, w, n * IMG_CHANNELS)), self.dummy_actions(1), **extra)))(key)
+            init_key(key), jnp.zeros((1, h, w, self.img_channels)), jnp.zeros((1,)),
+            jnp.zeros((1, h, w, n * self.img_channels)), self.dummy_actions(1), **extra)))(key)
 
     def conditioners(self, sigma: jax.Array) -> Conditioners:
         cs = compute_conditioners(sigma, self.sigma_data, self.sigma_offset_noise)
@@ -398,7 +403,8 @@ class Denoiser:
         return (1 + guidance_scale) * output[:b] - guidance_scale * output[b:]
 
     def wrap_model_output(self, noisy_next_obs: jax.Array, model_output: jax.Array, cs: Conditioners) -> jax.Array:
-        return quantize(cs.c_skip * noisy_next_obs + cs.c_out * model_output)
+        denoised = cs.c_skip * noisy_next_obs + cs.c_out * model_output
+        return quantize(denoised) if self.quantize else denoised
 
     def denoise(self, variables: Variables, noisy_next_obs: jax.Array, sigma: jax.Array, obs: jax.Array,
                 act: jax.Array, null: Optional[jax.Array] = None, guidance_scale: float = 0.0,
@@ -449,7 +455,7 @@ class Denoiser:
             return interp.loss(self, params, buffers, batch, key)
         n = self.num_steps_conditioning
         b, t = batch.act.shape[:2]
-        chex.assert_shape(batch.obs, (b, t, None, None, IMG_CHANNELS))
+        chex.assert_shape(batch.obs, (b, t, None, None, self.img_channels))
         chex.assert_shape(batch.mask_padding, (b, t))
         seq_length = t - n
         assert seq_length >= 1, f"segments need more than {n} frames, got {t}"

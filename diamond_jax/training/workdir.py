@@ -35,7 +35,8 @@ ADDED_FIELDS = {"env.backend": "envpool", "training.phase_loop": "auto", "collec
                 "env.life_loss_rule": "every_decrease", "precision": "float32",
                 "denoiser.conditioning": "frame_stack", "denoiser.condition_dropout": 0.0,
                 "denoiser.condition_dropout_target": "all", "denoiser.cross_attention.": INERT,
-                "world_model_env.sampler.guidance_scale": 0.0, "sampler.guidance_scale": 0.0}
+                "world_model_env.sampler.guidance_scale": 0.0, "sampler.guidance_scale": 0.0,
+                "denoiser.space": "pixel", "autoencoder.": INERT}
 
 
 class WorkdirInUse(OSError):

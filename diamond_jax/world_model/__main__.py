@@ -1,6 +1,7 @@
 """Trains a diffusion world model on a dataset of recorded play (python -m diamond_jax.dataset makes one).
 
     python -m diamond_jax.world_model --config=configs/world_model.py --dataset=data/pong --workdir=runs/wm-pong
+    python -m diamond_jax.world_model ... --config.denoiser.space=latent --config.autoencoder.path=A --prepare_only
 
 Starting in a --workdir that holds a run resumes it. Exit status: 0 when training is complete (results.json
 written), 75 when it saved a checkpoint and stopped on SIGTERM or Ctrl-C (run the same command again to
@@ -25,6 +26,10 @@ _DATASET = flags.DEFINE_string("dataset", None, "A dataset of recorded play (pyt
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory: config snapshot, checkpoints, TensorBoard logs and results.json. A directory "
     "that holds a run is resumed.")
+_PREPARE = flags.DEFINE_bool(
+    "prepare_only", False, "Prepare the run and stop before training: with --config.denoiser.space=latent, encode "
+    "the dataset into <workdir>/latents.npz and measure sigma_data (latent.json), once; the same command without "
+    "this flag then trains from them.")
 _PLATFORM, _CPU_DEVICES = cli.define_device_flags()
 flags.adopt_module_key_flags(cli)  # --help lists them with this module's own flags
 
@@ -52,6 +57,10 @@ def main(argv) -> None:
                  trainer.dataset.path, len(trainer.dataset.episode_ids("train")),
                  len(trainer.dataset.episode_ids("test")), trainer.dataset.frame_shape, trainer.dataset.action.kind,
                  trainer.mesh.size, jax.devices()[0].platform)
+    if _PREPARE.value:
+        trainer.close()
+        logging.info("Prepared %s; run the same command without --prepare_only to train.", _WORKDIR.value)
+        return
     results = cli.run_trainer(trainer, _WORKDIR.value)
     logging.info("Done: %d updates, test losses %s (%s)", results["steps"], results["test_loss"],
                  os.path.join(_WORKDIR.value, "results.json"))

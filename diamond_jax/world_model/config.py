@@ -15,6 +15,7 @@ from diamond_jax.models.precision import PRECISIONS
 from diamond_jax.models.sizes import cond_channels_for, num_heads
 
 ACTION_KINDS = ("discrete", "multi_hot", "continuous")
+SPACES = ("pixel", "latent")  # denoiser.space
 CONFIG_FILE = "configs/world_model.py"
 
 
@@ -66,9 +67,34 @@ def validate(c: config_dict.ConfigDict) -> None:
     if not isinstance(c.checkpoint.every_minutes, (int, float)) or c.checkpoint.every_minutes < 0:
         fail("checkpoint.every_minutes", c.checkpoint.every_minutes, "must be a number >= 0", "use 0 to save "
              "only every checkpoint.every_steps updates")
+    _validate_space(c)
     if c.upsampler.enabled and c.upsampler.inner_model.num_steps_conditioning < 1:
         fail("upsampler.inner_model.num_steps_conditioning", c.upsampler.inner_model.num_steps_conditioning,
              "must be >= 1: the upsampler sees the previous full-resolution frame(s)", "use 1 (CS:GO's)")
+
+
+def _validate_space(c: config_dict.ConfigDict) -> None:
+    if c.denoiser.space not in SPACES:
+        fail("denoiser.space", c.denoiser.space, f"must be one of {', '.join(SPACES)}", "use pixel or latent")
+    _positive_int(c, "autoencoder.encode_batch")
+    s = c.autoencoder.sigma_data
+    if not isinstance(s, (int, float)) or not (s >= 0 and math.isfinite(s)):
+        fail("autoencoder.sigma_data", s, "must be a finite number >= 0", "use 0 to measure it on the encoded dataset")
+    if c.denoiser.space != "latent":
+        return
+    if not c.autoencoder.path:
+        fail("autoencoder.path", c.autoencoder.path, "must name an autoencoder for denoiser.space 'latent'",
+             "pass --config.autoencoder.path=<the --workdir of python -m diamond_jax.autoencoder, or the --out of "
+             "python -m diamond_jax.convert_vae>")
+    if c.upsampler.enabled:
+        fail("upsampler.enabled", True, "is not supported with denoiser.space 'latent' (the autoencoder's decoder "
+             "draws the full frame)", "set --config.upsampler.enabled=False, or use denoiser.space pixel")
+    ip = c.denoiser.get("interpolation")
+    if ip is not None and ip.steps:
+        # Drift detection and recovery (drift.py) compare and target frames in pixel space.
+        fail("denoiser.interpolation.steps", ip.steps, "is not supported with denoiser.space 'latent' (drift "
+             "detection and recovery work on pixel frames)", "set --config.denoiser.interpolation.steps=0, or use "
+             "denoiser.space pixel")
 
 
 def _get(c: config_dict.ConfigDict, field: str) -> Any:

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from diamond_jax.data.recorded import ActionSpec, RecordedDataset
 from diamond_jax.world_model import drift, metrics
-from diamond_jax.world_model.model import Frames, WorldModel
+from diamond_jax.world_model.model import Frames, WorldModel, frames_window
 from diamond_jax.world_model.run import LoadedRun
 
 LEVELS = ("low", "full")
@@ -100,6 +100,7 @@ class Evaluator:
             drift.recovery_inputs(self.model, buffer, cfg)  # refuses a denoiser without interpolation
             self._rollout = jax.jit(lambda v, k, c, a, t: drift.rollout(self.model, v, k, c, a, t, buffer, cfg)[0],
                                     static_argnums=(4,))
+        self._frames = jax.jit(self.model.frames)
 
     def segments(self):
         """Test segments as long as the longest horizon allows; the horizons that fit."""
@@ -123,8 +124,8 @@ class Evaluator:
     def run(self) -> Dict[str, Any]:
         o = self.options
         seg, horizons = self.segments()
-        real = self.model.frames(jnp.asarray(seg.obs))
-        real_u8 = {level: to_uint8(x) for level, x in zip(LEVELS, real) if x is not None}
+        real = self._frames(jnp.asarray(seg.obs), self.variables)
+        real_u8 = {level: to_uint8(getattr(real, level)) for level in LEVELS if getattr(real, level) is not None}
         h_max, m = horizons[-1], o.num_segments
         key = jax.random.key(o.seed)
         one_step = {level: [] for level in real_u8}
@@ -133,13 +134,12 @@ class Evaluator:
         bar = tqdm(total=m * (h_max + 1), desc="Evaluating", unit="frame")
         for rows in self.batches(m):
             for k in range(h_max):  # teacher-forced: frame n + k from the real frames before it
-                context = Frames(real.low[rows, k:k + self.n],
-                                 None if real.full is None else real.full[rows, k:k + self.n])
+                context = frames_window(real, rows, k, k + self.n)
                 drawn = self._step(self.variables, jax.random.fold_in(key, k), context, act[rows, k:k + self.n])
                 for level in real_u8:
                     one_step[level].append((real_u8[level][rows, self.n + k], to_uint8(getattr(drawn, level))))
                 bar.update(rows.stop - rows.start)
-            context = Frames(real.low[rows, :self.n], None if real.full is None else real.full[rows, :self.n])
+            context = frames_window(real, rows, 0, self.n)
             drawn = self._rollout(self.variables, jax.random.fold_in(key, 10_000 + rows.start), context,
                                   act[rows, :self.n + h_max - 1], h_max)
             for level in real_u8:
@@ -147,7 +147,10 @@ class Evaluator:
             bar.update(rows.stop - rows.start)
         bar.close()
         results: Dict[str, Any] = {"horizons": horizons, "num_segments": m, "one_step": {}, "open_loop": {},
-                                   "fvd": {}, "resolution": {"low": list(self.model.resolution)}}
+                                   "fvd": {}, "resolution": {"low": list(self.model.resolution)},
+                                   "space": "pixel" if self.model.autoencoder is None else "latent"}
+        if self.model.autoencoder is not None:
+            results["autoencoder_ceiling"] = self.autoencoder_ceiling(real, real_u8["low"][:, self.n:])
         if self.model.upsampler is not None:
             results["resolution"]["full"] = list(self.model.upsampler.size)
         self.drawn = {}
@@ -168,6 +171,15 @@ class Evaluator:
         results["notes"] = self.notes
         return results
 
+    def autoencoder_ceiling(self, real: Frames, truth: np.ndarray) -> Dict[str, Optional[float]]:
+        """The scores of the real frames encoded and decoded, the best a latent world model can draw."""
+        ae = self.model.autoencoder
+        decode = jax.jit(ae.decode_frames)
+        decoded = np.stack([to_uint8(decode(self.variables["autoencoder"], real.latent[:, self.n + t]))
+                            for t in range(truth.shape[1])], axis=1)
+        flat = lambda x: x.reshape((-1,) + x.shape[2:])  # noqa: E731
+        return summarize(frame_scores(flat(truth), flat(decoded), self.weights))
+
     def fvd(self, truth: np.ndarray, drawn: np.ndarray) -> Optional[float]:
         if self.weights.i3d is None:
             return None
@@ -184,7 +196,7 @@ class Evaluator:
         for name, b in (("frames_per_s_batch_1", 1), (f"frames_per_s_batch_{self.options.batch_size}",
                                                        self.options.batch_size)):
             b = min(b, real.low.shape[0])
-            context = Frames(real.low[:b, :self.n], None if real.full is None else real.full[:b, :self.n])
+            context = frames_window(real, slice(0, b), 0, self.n)
             key = jax.random.key(0)
             jax.block_until_ready(self._step(self.variables, key, context, act[:b, :self.n]))
             start = time.perf_counter()
@@ -199,7 +211,7 @@ class Evaluator:
         frame drawn after the real context when only the last action changes (same noise), and when only the
         noise changes (same actions): a model that ignores actions has an action effect far below the noise's."""
         n = self.n
-        context = Frames(real.low[:, :n], None if real.full is None else real.full[:, :n])
+        context = frames_window(real, slice(None), 0, n)
         window = np.asarray(act[:, :n])
         other = window.copy()
         other[:, -1] = alternative_actions(window[:, -1], self.dataset.action,

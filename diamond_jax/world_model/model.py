@@ -1,6 +1,10 @@
 """A world model of recorded play as pure functions: the denoiser drawing low-resolution frames from past frames
 and actions, optionally chained with the upsampler drawing the full-resolution frame.
 
+A latent world model (`denoiser.space = "latent"`) denoises the latents of an autoencoder (models/autoencoder.py)
+instead of pixels: its frames carry the latents beside the pixels (`Frames.latent`), the denoiser draws the
+next latent from past latents, and the autoencoder decodes it into the frame that is shown and scored.
+
 Frames enter as uint8 [..., H, W, 3] at the dataset's size and are resized to each model's resolution; the
 models see them in [-1, 1]. Actions follow the dataset's: int32 [b, t] (discrete) or float32 [b, t, size].
 `act[t]` is the action taken on frame t, so the frame after frames 0..n-1 is drawn from act[0:n].
@@ -15,23 +19,34 @@ import jax
 import jax.numpy as jnp
 
 from diamond_jax.data.batch import obs_from_frames
+from diamond_jax.models.autoencoder import Autoencoder
 from diamond_jax.models.denoiser import Denoiser
 from diamond_jax.models.sampler import SamplerConfig, sample_next_obs
 from diamond_jax.models.upsampler import Size, Upsampler, resize_frames
 from diamond_jax.world_model.config import full_resolution
 
-Variables = Dict[str, Any]  # {"denoiser": ..., "upsampler": ...}, each {"params", "buffers"}
+# {"denoiser": ..., "upsampler": ...}, each {"params", "buffers"}; a latent world model's also "autoencoder".
+Variables = Dict[str, Any]
+SPACES = ("pixel", "latent")  # config.denoiser.space
 
 
 class Frames(NamedTuple):
     low: jax.Array  # [b, ..., h, w, 3] at the denoiser's resolution, in [-1, 1]
     full: Optional[jax.Array]  # [b, ..., H, W, 3] at the upsampler's, or None without an upsampler
+    # [b, ..., h / f, w / f, latent_channels]: the scaled latents of `low`, what a latent world model's denoiser
+    # sees; None in pixel space.
+    latent: Optional[jax.Array] = None
 
 
 def advance(context: Frames, new: Frames) -> Frames:
     """The context after a drawn frame: its oldest frame dropped, the new one ([b, ...]) appended."""
     shift = lambda past, frame: jnp.concatenate([past[:, 1:], frame[:, None]], axis=1)  # noqa: E731
-    return Frames(shift(context.low, new.low), None if context.full is None else shift(context.full, new.full))
+    return Frames(*(None if past is None else shift(past, frame) for past, frame in zip(context, new)))
+
+
+def frames_window(frames: Frames, rows, start: int, stop: int) -> Frames:
+    """frames[rows, start:stop] of every level there is."""
+    return Frames(*(None if x is None else x[rows, start:stop] for x in frames))
 
 
 def sampler_config(section) -> SamplerConfig:
@@ -48,16 +63,27 @@ class WorldModel:
     # Every frame drawn on the denoiser's null inputs (a model trained with condition_dropout > 0): with
     # condition_dropout_target "actions" an action-free video model, with "all" frames from no context at all.
     unconditional: bool = False
+    autoencoder: Optional[Autoencoder] = None  # a latent world model's; None in pixel space
 
     @classmethod
-    def from_config(cls, config, action_size: int, frame_shape: Tuple[int, int]) -> "WorldModel":
-        """action_size: the number of discrete actions, or the length of an action vector."""
+    def from_config(cls, config, action_size: int, frame_shape: Tuple[int, int],
+                    autoencoder: Optional[Autoencoder] = None, sigma_data: Optional[float] = None) -> "WorldModel":
+        """action_size: the number of discrete actions, or the length of an action vector. A latent world model
+        (config.denoiser.space "latent") needs its autoencoder and sigma_data in latent units (latent.py)."""
         denoiser = Denoiser.from_config(config, action_size, config.action_kind)
+        if config.denoiser.get("space", "pixel") == "latent":
+            if autoencoder is None or sigma_data is None:
+                raise ValueError("a latent world model needs its autoencoder and its sigma_data")
+            autoencoder.check_size(tuple(config.resolution))
+            denoiser = dataclasses.replace(denoiser, img_channels=autoencoder.latent_channels, quantize=False,
+                                           sigma_data=float(sigma_data))
+        else:
+            autoencoder = None
         upsampler = None
         if config.upsampler.enabled:
             upsampler = Upsampler.from_config(config, full_resolution(config, frame_shape))
         return cls(denoiser, sampler_config(config.sampler), tuple(config.resolution), upsampler,
-                   sampler_config(config.upsampler.sampler) if upsampler else None)
+                   sampler_config(config.upsampler.sampler) if upsampler else None, autoencoder)
 
     def with_sampling(self, guidance_scale: Optional[float] = None, unconditional: bool = False) -> "WorldModel":
         """This model sampled with another guidance weight (None: its config's) or unconditionally; ValueError
@@ -81,9 +107,17 @@ class WorldModel:
     def num_steps_conditioning(self) -> int:
         return self.denoiser.num_steps_conditioning
 
+    @property
+    def denoised_size(self) -> Tuple[int, int]:
+        """(height, width) of what the denoiser draws: the frame, or its latent."""
+        if self.autoencoder is None:
+            return self.resolution
+        return self.autoencoder.latent_shape(self.resolution)[:2]
+
     def init(self, key: jax.Array) -> Variables:
+        """The trained models' variables (a latent world model's autoencoder is trained apart: not here)."""
         key_denoiser, key_upsampler = jax.random.split(key)
-        variables = {"denoiser": self.denoiser.init(key_denoiser, self.resolution)}
+        variables = {"denoiser": self.denoiser.init(key_denoiser, self.denoised_size)}
         if self.upsampler is not None:
             variables["upsampler"] = self.upsampler.init(key_upsampler)
         return variables
@@ -95,9 +129,18 @@ class WorldModel:
     def full_res(self, frames: jax.Array) -> jax.Array:
         return resize_frames(obs_from_frames(frames), self.upsampler.size)
 
-    def frames(self, frames: jax.Array) -> Frames:
-        """Recorded uint8 frames as the models see them."""
-        return Frames(self.low_res(frames), None if self.upsampler is None else self.full_res(frames))
+    def frames(self, frames: jax.Array, variables: Optional[Variables] = None) -> Frames:
+        """Recorded uint8 frames as the models see them; a latent world model's encoded with the autoencoder of
+        `variables`."""
+        low = self.low_res(frames)
+        if self.autoencoder is not None:
+            return Frames(low, None, self.autoencoder.encode(variables["autoencoder"], low))
+        return Frames(low, None if self.upsampler is None else self.full_res(frames))
+
+    def denoiser_obs(self, obs: jax.Array) -> jax.Array:
+        """What the denoiser trains on, from a batch's obs: uint8 frames resized (pixel space), or latents as the
+        latent dataset gives them (latent.py)."""
+        return obs if self.autoencoder is not None else self.low_res(obs)
 
     def step(self, variables: Variables, key: jax.Array, context: Frames, act: jax.Array,
              target: Optional[jax.Array] = None, bucket: Optional[jax.Array] = None) -> Frames:
@@ -108,6 +151,10 @@ class WorldModel:
         chex.assert_equal(n, self.num_steps_conditioning)
         key_low, key_full = jax.random.split(key)
         null = jnp.ones((b,), bool) if self.unconditional else None
+        if self.autoencoder is not None:
+            latent = sample_next_obs(self.denoiser, variables["denoiser"], key_low, context.latent, act, self.sampler,
+                                     null=null)
+            return Frames(self.autoencoder.decode_frames(variables["autoencoder"], latent), None, latent)
         low = sample_next_obs(self.denoiser, variables["denoiser"], key_low, context.low, act, self.sampler,
                               null=null, target=target, bucket=bucket)
         if self.upsampler is None:

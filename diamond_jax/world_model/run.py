@@ -30,7 +30,7 @@ def fresh_state(model: WorldModel, optimizers: Dict[str, Any], seed: int) -> Dic
 class LoadedRun(NamedTuple):
     config: config_dict.ConfigDict
     model: WorldModel
-    variables: Variables  # {"denoiser": {"params", "buffers"}, "upsampler": ...}
+    variables: Variables  # {"denoiser": {"params", "buffers"}, "upsampler": ..., a latent run's "autoencoder"}
     dataset: Dict[str, Any]  # the record of dataset.json: path, frame_shape, action, episode counts
     step: int  # updates done when the checkpoint was taken
 
@@ -51,7 +51,13 @@ def load_run(workdir: str, guidance_scale: Optional[float] = None, unconditional
                          "pass the --workdir of `python -m diamond_jax.world_model`.")
     with open(paths[DATASET_FILE]) as f:
         dataset = json.load(f)
-    model = WorldModel.from_config(config, dataset["action"]["size"], tuple(dataset["frame_shape"]))
+    autoencoder = autoencoder_variables = sigma_data = None
+    if config.denoiser.get("space", "pixel") == "latent":
+        from diamond_jax.world_model.latent import read_latent_run
+
+        autoencoder, autoencoder_variables, sigma_data = read_latent_run(workdir)
+    model = WorldModel.from_config(config, dataset["action"]["size"], tuple(dataset["frame_shape"]), autoencoder,
+                                   sigma_data)
     model = model.with_sampling(guidance_scale, unconditional)
     optimizers = {n: steps.optimizer_from_config(config[n]) for n in model_names(config)}
     # Onto this process's devices, whichever devices the run saved from (orbax needs the target's shardings then).
@@ -68,4 +74,7 @@ def load_run(workdir: str, guidance_scale: Optional[float] = None, unconditional
                          f"(every {config.checkpoint.every_steps} updates or {config.checkpoint.every_minutes} "
                          "minutes).")
     _, state, meta = restored
-    return LoadedRun(config, model, {n: s.variables() for n, s in state.items()}, dataset, meta["step"])
+    variables = {n: s.variables() for n, s in state.items()}
+    if autoencoder_variables is not None:
+        variables["autoencoder"] = autoencoder_variables
+    return LoadedRun(config, model, variables, dataset, meta["step"])

@@ -26,8 +26,9 @@ from diamond_jax.training.checkpoint import RunCheckpointer
 from diamond_jax.training.logger import RunLogger
 from diamond_jax.training.loop import NonFiniteLoss, Preempted
 from diamond_jax.training.workdir import open_workdir
+from diamond_jax.world_model import latent
 from diamond_jax.world_model.config import check_dataset, denoiser_segment_length
-from diamond_jax.world_model.model import Frames, WorldModel
+from diamond_jax.world_model.model import WorldModel, frames_window
 from diamond_jax.world_model.run import CHECKPOINTS, DATASET_FILE, fresh_state, model_names
 
 # Streams of random numbers, each derived from the seed by folding in its id (run.KEY_INIT: initialisation).
@@ -46,7 +47,7 @@ def make_loss(model: WorldModel, name: str) -> Callable:
     """loss(params, buffers, segments, key) of one model on recorded segments {"obs": uint8, "act"}."""
 
     def denoiser_loss(params, buffers, seg, key):
-        obs = model.low_res(seg["obs"])
+        obs = model.denoiser_obs(seg["obs"])
         b, t = obs.shape[:2]
         zeros = jnp.zeros((b, t), jnp.int32)
         batch = Batch(obs, seg["act"], zeros.astype(jnp.float32), zeros, zeros, jnp.ones((b, t), bool))
@@ -106,7 +107,19 @@ class WorldModelTrainer:
             if self.lock is not None:
                 self.lock.release()
             raise
-        self.model = WorldModel.from_config(config, self.dataset.action.size, self.dataset.frame_shape)
+        self.data_source, self.autoencoder_variables = self.dataset, None
+        try:
+            if latent.is_latent(config):
+                autoencoder, self.autoencoder_variables, self.data_source, sigma_data = latent.prepare(
+                    config, self.dataset, self.workdir, write=self.is_writer)
+                self.model = WorldModel.from_config(config, self.dataset.action.size, self.dataset.frame_shape,
+                                                    autoencoder, sigma_data)
+            else:
+                self.model = WorldModel.from_config(config, self.dataset.action.size, self.dataset.frame_shape)
+        except BaseException:
+            if self.lock is not None:
+                self.lock.release()
+            raise
         self.key = jax.random.key(config.seed)
         self.rep, self.data = parallel.replicated(self.mesh), parallel.data_sharded(self.mesh)
         self.optimizers = {n: steps.optimizer_from_config(config[n]) for n in self.names}
@@ -115,6 +128,7 @@ class WorldModelTrainer:
         self.test_losses = {n: jax.jit(lambda state, seg, key, n=n: make_loss(self.model, n)(
             state.params, state.buffers, seg, key)[0]) for n in self.names}
         self.rollout = jax.jit(self.model.rollout, static_argnums=(4,))
+        self._frames = jax.jit(self.model.frames)
         self.checkpointer = RunCheckpointer(os.path.join(self.workdir, CHECKPOINTS), config.checkpoint.keep)
         self.logger = RunLogger(self.workdir, enabled=self.is_writer)
         self._stop_requested = False
@@ -150,7 +164,7 @@ class WorldModelTrainer:
     # ---- Data.
 
     def segments(self, name: str, split: str, rng: np.random.Generator, batch_size: int) -> Dict[str, Any]:
-        seg = self.dataset.sample(rng, batch_size, segment_length(self.config, name), split)
+        seg = self.data_source.sample(rng, batch_size, segment_length(self.config, name), split)
         return parallel.place({"obs": seg.obs, "act": seg.act}, self.data)
 
     def train_segments(self, name: str) -> Dict[str, Any]:
@@ -258,9 +272,9 @@ class WorldModelTrainer:
                                       n + steps_, "test")
         except ValueError:  # test episodes shorter than a video: the losses say enough
             return
-        real = self.model.frames(jnp.asarray(seg.obs))
-        context = Frames(real.low[:, :n], None if real.full is None else real.full[:, :n])
-        variables = {k: v.variables() for k, v in self.state.items()}
+        variables = self.variables()
+        real = self._frames(jnp.asarray(seg.obs), variables)
+        context = frames_window(real, slice(None), 0, n)
         drawn = self.rollout(variables, jax.random.fold_in(self.key, KEY_VIDEO), context,
                              jnp.asarray(seg.act[:, :n + steps_ - 1]), steps_)
         for level, tag in (("low", "test/rollout"), ("full", "test/rollout_full_resolution")):
@@ -269,6 +283,13 @@ class WorldModelTrainer:
                 continue
             both = jnp.concatenate([getattr(real, level)[:, n:], frames], axis=3)  # real | drawn, side by side
             self.logger.video(self.step, tag, np.asarray(both))
+
+    def variables(self) -> Dict[str, Any]:
+        """The models' variables, with a latent world model's autoencoder."""
+        variables = {k: v.variables() for k, v in self.state.items()}
+        if self.autoencoder_variables is not None:
+            variables["autoencoder"] = self.autoencoder_variables
+        return variables
 
     def close(self) -> None:
         self.logger.close()

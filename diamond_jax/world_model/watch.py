@@ -205,7 +205,7 @@ def dream(workdir: str, num_steps: int, out: Optional[str] = None, fmt: str = "m
     act = np.stack([dataset.episode(e).act[s:s + length - 1] for e, s in starts])
     if not compare:
         act = np.concatenate([act, played], axis=1)
-    context = model.frames(jnp.asarray(obs[:, :n]))
+    context = jax.jit(model.frames)(jnp.asarray(obs[:, :n]), run.variables)
     scores = None
     if recovery:
         cfg = recovery_config(True)
@@ -234,7 +234,7 @@ def dream(workdir: str, num_steps: int, out: Optional[str] = None, fmt: str = "m
         paths["drift"].write_text(json.dumps(summary, indent=2))
         result["drift"] = summary
     if compare:
-        real = to_frame(shown(model.frames(jnp.asarray(obs[:, n - 1:]))))
+        real = to_frame(shown(jax.jit(model.frames)(jnp.asarray(obs[:, n - 1:]), run.variables)))
         comparison = Comparison(real, imagined, act[:, n - 1:])
         values = psnr(real[:, 1:], imagined[:, 1:])
         paths["real_vs_imagined"] = write_video(out_dir / f"real_vs_imagined.{fmt}",
@@ -272,6 +272,7 @@ class RecordedPlayEnv(ImaginedPlayEnv):
             self.drift_config = cfg
             self._drift_step = jax.jit(lambda v, state, window, key: drift.step(run.model, v, cfg, inputs, state,
                                                                               window, key))
+        self._frames = jax.jit(run.model.frames)
         self.context: Optional[Frames] = None
         self.past: Optional[np.ndarray] = None  # the actions on the context's frames but the last
         self.to_play: Optional[np.ndarray] = None
@@ -282,7 +283,7 @@ class RecordedPlayEnv(ImaginedPlayEnv):
         rng = np.random.default_rng(np.asarray(jax.random.key_data(key)))
         ((e, s),) = draw_starts(self.dataset, rng, 1, n, "record longer test episodes")
         episode = self.dataset.episode(e)
-        self.context = self.run.model.frames(jnp.asarray(episode.obs[s:s + n])[None])
+        self.context = self._frames(jnp.asarray(episode.obs[s:s + n])[None], self.run.variables)
         self.past = episode.act[s:s + n - 1]
         self.to_play = episode.act[s + n - 1:] if self.script is None else self.script
         self.t = 0
