@@ -4,7 +4,8 @@
     python -m diamond_jax.world_model_eval --workdir=runs/wm-pong --lpips_weights=lpips_alex.npz --i3d_weights=i3d.npz
 
 Writes to --out (default <workdir>/eval): eval.json (every number), horizons.png (PSNR, SSIM and LPIPS against
-the open-loop horizon, the teacher-forced one-step value as a dashed line) and rollouts.png (for a few test
+the open-loop horizon, the teacher-forced one-step value as a dashed line, and as a dotted line the trivial
+model that copies the last frame it saw, on the same segments) and rollouts.png (for a few test
 segments, the real frames above the drawn ones at each horizon). LPIPS and FVD need pretrained networks that
 no package ships: pass local weights written by `python -m diamond_jax.world_model.metric_weights`; without
 them they are skipped, and eval.json's notes say so. Uses the run's newest checkpoint, also while it trains.
@@ -75,6 +76,9 @@ def plot_horizons(results, path: str) -> None:
             one = results["one_step"][level][name]
             if one is not None:
                 ax.axhline(one, color=colour, linestyle="--", label=f"one step, {size}")
+            copy = results["copy_last_frame"][level]["open_loop"][name]
+            if None not in copy:
+                ax.plot(results["horizons"], copy, ":", color=colour, alpha=0.7, label=f"copy last frame, {size}")
         ax.set_xlabel("horizon (frames drawn from the model's own)")
         ax.set_title(labels[name], fontsize=10)
         ax.set_xscale("log")
@@ -157,6 +161,9 @@ def main(argv) -> None:
         print(f"{level} {results['resolution'][level]}: one step PSNR {one['psnr_db']} dB, SSIM {one['ssim']:.3f}; "
               f"open loop at horizons {results['horizons']}: PSNR {[round(v, 2) if v else v for v in loop['psnr_db']]}"
               f", FVD {results['fvd'][level]}")
+        copy = results["copy_last_frame"][level]
+        print(f"  copying the last frame instead: one step PSNR {copy['one_step']['psnr_db']} dB; open loop "
+              f"{[round(v, 2) if v else v for v in copy['open_loop']['psnr_db']]}")
     if "autoencoder_ceiling" in results:
         ceiling = results["autoencoder_ceiling"]
         print(f"autoencoder alone (real frames encoded and decoded, the latent model's ceiling): PSNR "

@@ -283,6 +283,14 @@ def test_the_evaluation_scores_drawn_frames_against_the_real_ones(pong, pong_run
             err = (real[:, n + h - 1].astype(np.float64) - drawn[:, h - 1]) ** 2
             psnr = 10 * np.log10(255 ** 2 / err.mean(axis=(1, 2, 3)))
             assert results["open_loop"][level]["psnr_db"][i] == pytest.approx(psnr[np.isfinite(psnr)].mean())
+            # The trivial baseline: the last context frame held, against the same real frame.
+            err = (real[:, n + h - 1].astype(np.float64) - real[:, n - 1]) ** 2
+            with np.errstate(divide="ignore"):
+                psnr = 10 * np.log10(255 ** 2 / err.mean(axis=(1, 2, 3)))
+            copy = results["copy_last_frame"][level]["open_loop"]
+            if np.isfinite(psnr).any():
+                assert copy["psnr_db"][i] == pytest.approx(psnr[np.isfinite(psnr)].mean())
+            assert copy["psnr_identical_fraction"][i] == pytest.approx(np.mean(~np.isfinite(psnr)))
     sens = results["action_sensitivity"]
     assert 0 <= sens["action_changed_pixels"] <= 1 and sens["noise_mean_abs_levels"] > 0
     assert all(v > 0 for v in results["sampling"].values())

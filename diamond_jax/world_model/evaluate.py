@@ -68,6 +68,18 @@ def summarize(scores: Dict[str, np.ndarray]) -> Dict[str, Optional[float]]:
     return out
 
 
+def copy_last_frame(frames: np.ndarray, n: int, horizons: Sequence[int],
+                    weights: metrics.MetricWeights) -> Dict[str, Any]:
+    """The scores of the trivial model that repeats the last frame it saw, on the same segments (uint8 [m, n +
+    h_max, h, w, 3]): one step, each frame scored against the real one before it; open loop, the last context
+    frame against the real frame at each horizon. Where little moves (Breakout), a hard baseline to beat."""
+    h_max = frames.shape[1] - n
+    flat = lambda x: x.reshape((-1,) + x.shape[2:])  # noqa: E731
+    one_step = summarize(frame_scores(flat(frames[:, n:]), flat(frames[:, n - 1:n - 1 + h_max]), weights))
+    open_loop = [summarize(frame_scores(frames[:, n - 1 + h], frames[:, n - 1], weights)) for h in horizons]
+    return {"one_step": one_step, "open_loop": {name: [s[name] for s in open_loop] for name in open_loop[0]}}
+
+
 def alternative_actions(act: np.ndarray, spec: ActionSpec, rng: np.random.Generator) -> np.ndarray:
     """Another action for each row of act (int32 [m] or float32 [m, size]): a different discrete action drawn
     uniformly, one multi-hot component flipped, or the continuous action of another row (shuffled)."""
@@ -165,6 +177,8 @@ class Evaluator:
             results["open_loop"][level] = {name: [per_step[h - 1][name] for h in horizons] for name in per_step[0]}
             results["open_loop"][level]["per_step"] = per_step
             results["fvd"][level] = self.fvd(truth, drawn)
+            results.setdefault("copy_last_frame", {})[level] = copy_last_frame(real_u8[level], self.n, horizons,
+                                                                                self.weights)
         self.real = real_u8
         results["sampling"] = self.sampling_rate(real, act)
         results["action_sensitivity"] = self.action_sensitivity(real, seg.act)
