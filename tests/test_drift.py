@@ -2,6 +2,7 @@
 drift detectors and recovery (world_model/drift.py)."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -250,3 +251,38 @@ def test_a_rollout_in_chunks_draws_what_one_rollout_draws(trained):
     np.testing.assert_array_equal(np.concatenate([first_scores.recovering, second_scores.recovering], axis=1),
                                   scores.recovering)
     assert np.asarray(scores.recovering).any()  # the chunks cut through a recovery
+
+
+# ---- The tools.
+
+
+def test_dream_recovers_on_an_interpolation_run_and_refuses_one_without(tmp_path):
+    """`dream --recovery` on a world-model run trained with interpolation: the rollout and drift.json, whose
+    counts are per row and within the steps drawn; a run without interpolation is refused with the reason."""
+    from diamond_jax import dream
+    from diamond_jax.data.importers import import_npz
+    from diamond_jax.training import parallel
+    from diamond_jax.world_model.train import WorldModelTrainer
+
+    src = tmp_path / "npz"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for e in range(3):
+        np.savez(src / f"episode_{e}.npz", obs=rng.integers(0, 256, (16, 16, 16, 3), dtype=np.uint8),
+                 act=rng.integers(0, 4, 16))
+    dataset = import_npz(str(src), str(tmp_path / "ds"), action_kind="discrete", test_fraction=0.34)
+    steps = 6
+    for name, m in (("interp", 2), ("plain", 0)):
+        config = with_fields(wm_configs.get_config("debug"), **{
+            "training.num_steps": 1, "training.test_every": 1, "training.video_steps": 1,
+            "denoiser.interpolation.steps": m})
+        WorldModelTrainer(config, dataset.path, str(tmp_path / name),
+                          mesh=parallel.make_mesh(devices=jax.devices()[:1])).run()
+    flags = [f"--steps={steps}", "--rows=2", "--format=gif", "--actions=random", "--recovery"]
+    result = dream.main([f"--workdir={tmp_path / 'interp'}", f"--out={tmp_path / 'dream'}"] + flags)
+    summary = json.loads((tmp_path / "dream" / "drift.json").read_text())
+    assert summary == result["drift"] and result["imagined"].shape[:2] == (2, steps + 1)
+    for key in ("detections_per_row", "recovered_frames_per_row"):
+        assert len(summary[key]) == 2 and all(0 <= v <= steps for v in summary[key])
+    with pytest.raises(SystemExit, match="--recovery"):
+        dream.main([f"--workdir={tmp_path / 'plain'}", f"--out={tmp_path / 'dream2'}"] + flags)

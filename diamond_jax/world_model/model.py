@@ -83,7 +83,7 @@ class WorldModel:
         if config.upsampler.enabled:
             upsampler = Upsampler.from_config(config, full_resolution(config, frame_shape))
         return cls(denoiser, sampler_config(config.sampler), tuple(config.resolution), upsampler,
-                   sampler_config(config.upsampler.sampler) if upsampler else None, autoencoder)
+                   sampler_config(config.upsampler.sampler) if upsampler else None, autoencoder=autoencoder)
 
     def with_sampling(self, guidance_scale: Optional[float] = None, unconditional: bool = False) -> "WorldModel":
         """This model sampled with another guidance weight (None: its config's) or unconditionally; ValueError
