@@ -161,16 +161,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--dataset", default=None,
                         help="world-model runs: the dataset's path, where it moved since training (default: the "
                              "path the run recorded)")
-    parser.add_argument("--guidance_scale", type=float, default=None,
-                        help="world-model runs: classifier-free guidance weight w of the sampler (default: the run's "
-                             "sampler.guidance_scale); w > 0 needs a model trained with denoiser.condition_dropout > 0")
-    parser.add_argument("--unconditional", action="store_true",
-                        help="world-model runs: draw every frame on the denoiser's null inputs (a model trained with "
-                             "condition_dropout > 0): with condition_dropout_target=actions an action-free video "
-                             "model, with 'all' frames drawn from no context")
-    parser.add_argument("--recovery", action="store_true", default=None,
-                        help="world-model runs trained with interpolation: detect drift and recover by "
-                             "interpolating toward a dataset frame (README 'Long rollouts'); writes drift.json")
+    watch.add_sampling_flags(parser, recovery_writes="; writes drift.json")
     args = parser.parse_args(argv)
     for name in ("steps", "rows", "fps", "scale"):
         if getattr(args, name) <= 0:
@@ -184,12 +175,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         if watch.is_world_model_run(args.workdir):
             result = watch.dream(args.workdir, args.steps, args.out, args.format, args.seed, args.rows, args.fps,
                                  args.scale, args.actions or watch.EPISODE, args.dataset,
-                                 watch.Sampling(args.guidance_scale, args.unconditional), bool(args.recovery))
+                                 watch.sampling(args), bool(args.recovery))
         else:
-            for name in ("actions", "dataset", "guidance_scale", "unconditional", "recovery"):
-                if getattr(args, name) not in (None, False):
-                    raise UsageError(f"--{name} is for world models of recorded play, and {args.workdir} holds an "
-                                     f"RL run (no {watch.DATASET_FILE}). Fix: drop --{name}.")
+            watch.refuse_world_model_flags(args)
             result = dream(args.workdir, args.steps, args.out, args.format, args.seed, args.rows, args.fps,
                            args.scale)
     except UsageError as e:

@@ -255,16 +255,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--dataset", default=None,
                         help="world-model runs: the dataset's path, where it moved since training (default: the "
                              "path the run recorded)")
-    parser.add_argument("--guidance_scale", type=float, default=None,
-                        help="world-model runs: classifier-free guidance weight w of the sampler (default: the run's "
-                             "sampler.guidance_scale); w > 0 needs a model trained with denoiser.condition_dropout > 0")
-    parser.add_argument("--unconditional", action="store_true",
-                        help="world-model runs: draw every frame on the denoiser's null inputs (a model trained with "
-                             "condition_dropout > 0): with condition_dropout_target=actions an action-free video "
-                             "model, with 'all' frames drawn from no context")
-    parser.add_argument("--recovery", action="store_true", default=None,
-                        help="world-model runs trained with interpolation: detect drift and recover by "
-                             "interpolating toward a dataset frame (README 'Long rollouts')")
+    watch.add_sampling_flags(parser)
     parser.add_argument("--fps", type=float, default=15.0, help="frames per second shown and recorded (default 15)")
     parser.add_argument("--size", type=int, default=512,
                         help="game view in pixels, rounded down to a whole multiple of the frame size, at least the "
@@ -302,13 +293,9 @@ def play(args: argparse.Namespace, events: Optional[EventSource] = None) -> Dict
                              "frames and the actions recorded with them. Fix: drop --init_actions.")
         session, controls = watch.play_session(args.workdir, args.seed, args.horizon, args.human,
                                                args.actions or watch.EPISODE, args.dataset,
-                                               watch.Sampling(args.guidance_scale, args.unconditional),
-                                               bool(args.recovery))
+                                               watch.sampling(args), bool(args.recovery))
     else:
-        for name in ("actions", "dataset", "guidance_scale", "unconditional", "recovery"):
-            if getattr(args, name) not in (None, False):
-                raise UsageError(f"--{name} is for world models of recorded play, and {args.workdir} holds an RL "
-                                 f"run (no {watch.DATASET_FILE}). Fix: drop --{name}.")
+        watch.refuse_world_model_flags(args)
         session, controls = make_session(args.workdir, args.seed, args.horizon, args.human,
                                          args.init_actions or "policy")
     print(controls.keys_text + "\n" + describe_controls())

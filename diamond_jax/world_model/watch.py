@@ -63,6 +63,36 @@ class Sampling(NamedTuple):
     unconditional: bool = False
 
 
+# Options of the dream and play tools that only a world model of recorded play takes.
+WORLD_MODEL_FLAGS = ("actions", "dataset", "guidance_scale", "unconditional", "recovery")
+
+
+def add_sampling_flags(parser, recovery_writes: str = "") -> None:
+    """The dream and play tools' flags for how a world model of recorded play is sampled (argparse)."""
+    parser.add_argument("--guidance_scale", type=float, default=None,
+                        help="world-model runs: classifier-free guidance weight w of the sampler (default: the run's "
+                             "sampler.guidance_scale); w > 0 needs a model trained with denoiser.condition_dropout > 0")
+    parser.add_argument("--unconditional", action="store_true",
+                        help="world-model runs: draw every frame on the denoiser's null inputs (a model trained with "
+                             "condition_dropout > 0): with condition_dropout_target=actions an action-free video "
+                             "model, with 'all' frames drawn from no context")
+    parser.add_argument("--recovery", action="store_true", default=None,
+                        help="world-model runs trained with interpolation: detect drift and recover by "
+                             f"interpolating toward a dataset frame (README 'Long rollouts'){recovery_writes}")
+
+
+def sampling(args) -> Sampling:
+    return Sampling(args.guidance_scale, args.unconditional)
+
+
+def refuse_world_model_flags(args) -> None:
+    """UsageError naming the first world-model-only flag given for an RL run (args.workdir)."""
+    for name in WORLD_MODEL_FLAGS:
+        if getattr(args, name) not in (None, False):
+            raise UsageError(f"--{name} is for world models of recorded play, and {args.workdir} holds an RL run "
+                             f"(no {DATASET_FILE}). Fix: drop --{name}.")
+
+
 def open_run(workdir: str, dataset_path: Optional[str] = None, sampling: Sampling = Sampling()) -> Watched:
     """The run's newest checkpoint and its dataset (at dataset_path, where it moved), checked to match."""
     try:
