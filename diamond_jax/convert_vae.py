@@ -1,5 +1,5 @@
 r"""Converts a local diffusers-format `AutoencoderKL` (Stable Diffusion's autoencoder and its kin) into the folder
-the latent world model reads (diamond_jax/autoencoder/export.py). Nothing is downloaded.
+the latent world model reads (diamond_jax/training/autoencoder_export.py). Nothing is downloaded.
 
     python -m diamond_jax.convert_vae --diffusers=path/to/vae --out=runs/sd-vae
     python -m diamond_jax.world_model --config=configs/world_model.py --config.denoiser.space=latent \
@@ -173,10 +173,10 @@ def convert(cfg: Mapping[str, Any], state_dict: StateDict, source: str):
 
 
 def convert_folder(directory: str, out: str) -> str:
-    """Converts --diffusers into --out (export.py's folder); returns a one-line summary."""
+    """Converts --diffusers into --out (training/autoencoder_export.py's folder); returns a one-line summary."""
     from flax import traverse_util
 
-    from diamond_jax.autoencoder.export import save_export
+    from diamond_jax.training.autoencoder_export import save_export
 
     cfg, state_dict, path = read_diffusers(directory)
     autoencoder, flat = convert(cfg, state_dict, path)

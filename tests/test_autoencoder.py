@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from diamond_jax import convert_vae
-from diamond_jax.autoencoder import export
+from diamond_jax.training import autoencoder_export as export
 from diamond_jax.models.autoencoder import Autoencoder, kl_divergence
 
 REPO = Path(__file__).resolve().parent.parent

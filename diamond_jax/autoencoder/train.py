@@ -4,8 +4,8 @@ Each update draws its frames from the training episodes with a generator seeded 
 posterior's noise from a key folded the same way: a run stopped and resumed on the same devices computes what it
 would have computed without the stop. Every `training.test_every` updates: the loss, PSNR and SSIM of the
 reconstructions (the posterior's mean, decoded) of fixed test-episode frames, and an image of them, go to
-TensorBoard. At every checkpoint the autoencoder is exported to <workdir>/export (export.py), with its
-scaling factor measured when the config leaves it at 0.
+TensorBoard. At every checkpoint the autoencoder is exported to <workdir>/export
+(training/autoencoder_export.py), with its scaling factor measured when the config leaves it at 0.
 """
 
 import json
@@ -21,7 +21,7 @@ import numpy as np
 from ml_collections import config_dict
 from tqdm import tqdm
 
-from diamond_jax.autoencoder.export import EXPORT_DIR, save_export
+from diamond_jax.training.autoencoder_export import EXPORT_DIR, save_export
 from diamond_jax.data.batch import obs_from_frames
 from diamond_jax.data.recorded import RecordedDataset
 from diamond_jax.models.autoencoder import Autoencoder, kl_divergence

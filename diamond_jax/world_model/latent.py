@@ -26,7 +26,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from diamond_jax.autoencoder.export import load_export, resolve
+from diamond_jax.training.autoencoder_export import load_export, resolve
 from diamond_jax.data.batch import obs_from_frames
 from diamond_jax.data.recorded import RecordedDataset, Segments
 from diamond_jax.models.autoencoder import Autoencoder, Variables

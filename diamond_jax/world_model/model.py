@@ -98,8 +98,8 @@ class WorldModel:
                              "--config.denoiser.condition_dropout=0.2, or sample conditionally without guidance.")
         if w > 0 and unconditional:
             raise ValueError(f"guidance scale {w} combines conditional and unconditional predictions, so it does "
-                             "not go with unconditional sampling. Fix: sample unconditionally with guidance scale 0 (it overrides "
-                             "the run's), or conditionally with guidance.")
+                             "not go with unconditional sampling. Fix: sample unconditionally with guidance scale 0 "
+                             "(it overrides the run's), or conditionally with guidance.")
         return dataclasses.replace(self, sampler=dataclasses.replace(self.sampler, guidance_scale=w),
                                    unconditional=unconditional)
 
