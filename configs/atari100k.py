@@ -125,6 +125,10 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
     c.denoiser.training.lr_warmup_steps = 100  # linear learning-rate warm-up from 0
     c.denoiser.training.max_grad_norm = 1.0  # gradient clipping by global norm
     c.denoiser.training.sample_weights = sample_weights  # episode weights of the 4 age groups
+    # Whether a segment may end on an episode's final frame (the frame after its last step), so that the
+    # denoiser learns to draw the frames games end on. The official sampler never gives it that frame as a
+    # target; the reward/end model then sees few imagined ends (docs/learning.md). False = the paper.
+    c.denoiser.training.include_final_frame = False
     c.denoiser.optimizer = config_dict.ConfigDict()
     c.denoiser.optimizer.lr = 1e-4  # AdamW learning rate
     c.denoiser.optimizer.weight_decay = 1e-2  # AdamW weight decay (weights of linear, conv and LSTM layers)

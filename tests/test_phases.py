@@ -6,6 +6,7 @@ the loop's share compiled programs through the persistent compilation cache."""
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from diamond_jax.benchmarking.fixtures import synthetic_replay
@@ -124,3 +125,34 @@ def test_one_update_per_call_computes_what_the_scan_computes(debug_agent, debug_
 def test_phase_loop_choice():
     assert phases.use_scan("auto", "gpu") and phases.use_scan("auto", "tpu") and not phases.use_scan("auto", "cpu")
     assert phases.use_scan("scan", "cpu") and not phases.use_scan("python", "gpu")
+
+
+
+def test_the_denoiser_sampler_follows_include_final_frame(debug_config):
+    """One 6-step episode whose frame k is filled with 10 k: the position of a segment's last frame is read off
+    its pixels. The denoiser's segments end on the final frame (6, counted real) only when the config asks;
+    the reward/end model's segments do not depend on the field."""
+    size = debug_config.env.size
+    length = 6
+    replay_host = ReplayDataset(1, (size, size, 3))
+    frames = np.repeat(np.arange(0, 10 * (length + 1), 10, dtype=np.uint8), size * size * 3).reshape(
+        length + 1, size, size, 3)
+    end = np.zeros(length, bool)
+    end[-1] = True
+    replay_host.append(0, frames[:-1], np.zeros(length, np.int32), np.zeros(length, np.float32), end,
+                       np.zeros(length, bool), frames[-1])
+    replay = replay_host.device_replay()
+    config = debug_config.copy_and_resolve_references()
+    config.denoiser.training.batch_size = config.rew_end_model.training.batch_size = 256
+    batches = {}
+    for include in (False, True):
+        config.denoiser.training.include_final_frame = include
+        for name in ("denoiser", "rew_end_model"):
+            batches[include, name] = jax.device_get(
+                jax.jit(phases.batch_sampler(config, name))(replay, jax.random.key(5)))
+    for include in (False, True):
+        batch = batches[include, "denoiser"]
+        last = np.rint((batch.obs[:, -1, 0, 0, 0] + 1) / 2 * 255 / 10).astype(int)  # frame position
+        assert last.max() == (length if include else length - 1)
+        assert batch.mask_padding[:, -1].all()  # the target is always counted: a real step, or the final frame
+    chex.assert_trees_all_equal(batches[False, "rew_end_model"], batches[True, "rew_end_model"])

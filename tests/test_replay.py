@@ -62,8 +62,9 @@ def hand_built(rng, **kw):
     return r
 
 
-def reference_segment(episode, start, seq_length):
-    """Plain Python: position k holds a real frame iff 0 <= k <= L, a real step iff 0 <= k < L."""
+def reference_segment(episode, start, seq_length, mask_frames=False):
+    """Plain Python: position k holds a real frame iff 0 <= k <= L, a real step iff 0 <= k < L; the mask
+    marks real steps, or real frames."""
     length = len(episode["act"])
     out = {"obs": [], "act": [], "rew": [], "end": [], "trunc": [], "mask_padding": []}
     for k in range(start, start + seq_length):
@@ -72,7 +73,7 @@ def reference_segment(episode, start, seq_length):
         real = 0 <= k < length
         for name in ("act", "rew", "end", "trunc"):
             out[name].append(episode[name][k] if real else 0)
-        out["mask_padding"].append(real)
+        out["mask_padding"].append(0 <= k <= length if mask_frames else real)
     return {k: np.array(v) for k, v in out.items()}
 
 
@@ -103,16 +104,17 @@ def test_append_refuses_inconsistent_data():
         r.append(0, obs, act, rew, end, trunc, last)
 
 
-def test_gather_matches_the_python_reference_at_every_start():
+@pytest.mark.parametrize("mask_frames", [False, True])
+def test_gather_matches_the_python_reference_at_every_start(mask_frames):
     rng = np.random.default_rng(2)
     r = hand_built(rng)
     device = r.device_replay()
     seq_length = 4
     cases = [(e, s) for e in range(r.num_episodes) for s in range(-seq_length + 1, int(r.lengths[e]) + 1)]
     episode, start = (np.array(x, np.int32) for x in zip(*cases))
-    batch = jax.jit(gather_segments, static_argnums=3)(device, episode, start, seq_length)
+    batch = jax.jit(gather_segments, static_argnums=(3, 4))(device, episode, start, seq_length, mask_frames)
     for i, (e, s) in enumerate(cases):
-        ref = reference_segment(r.episode(e), s, seq_length)
+        ref = reference_segment(r.episode(e), s, seq_length, mask_frames)
         for name in ("obs", "act", "rew", "end", "trunc", "mask_padding"):
             np.testing.assert_allclose(np.asarray(getattr(batch, name)[i]), ref[name], rtol=0, atol=1e-6,
                                        err_msg=f"{name} episode {e} start {s}")
@@ -120,13 +122,14 @@ def test_gather_matches_the_python_reference_at_every_start():
     assert batch.mask_padding.dtype == bool
 
 
-def exact_start_distribution(length, seq_length, beyond_end):
-    """P(start) by enumerating the official rule's (t, offset) draws."""
+def exact_start_distribution(length, seq_length, beyond_end, final_frame=False):
+    """P(start) by enumerating the official rule's (t, offset) draws; with final_frame, over the L + 1 frames."""
+    positions = length + 1 if final_frame else length
     probs = {}
-    for t in range(length):
+    for t in range(positions):
         for offset in range(seq_length):
-            start = t - offset if beyond_end else min(length, t + 1 + offset) - seq_length
-            probs[start] = probs.get(start, 0) + 1 / (length * seq_length)
+            start = t - offset if beyond_end else min(positions, t + 1 + offset) - seq_length
+            probs[start] = probs.get(start, 0) + 1 / (positions * seq_length)
     return probs
 
 
@@ -146,6 +149,33 @@ def test_segment_bounds_follow_the_official_rule(beyond_end):
         assert five_sigma(np.sum(start == s), n, p), (s, np.sum(start == s) / n, p)
     if not beyond_end:
         assert (start + seq_length <= 5).all()  # never past the last step
+
+
+def test_segments_may_end_on_the_final_frame_when_asked():
+    """include_final_frame: starts as the official rule over the 6 frames of a 5-step episode, so that the
+    final frame (5) ends a segment as often as start 3 is drawn, and counts there as real data."""
+    rng = np.random.default_rng(13)
+    r = ReplayDataset(1, SHAPE)
+    r.append(0, *random_steps(rng, 5, "end"))
+    device = r.device_replay()
+    n, seq_length = 20_000, 3
+    _, start = jax.jit(draw_segments, static_argnums=(2, 3, 4, 5, 6))(
+        device, jax.random.key(0), n, seq_length, WEIGHTS, False, True)
+    start = np.asarray(start)
+    probs = exact_start_distribution(5, seq_length, False, final_frame=True)
+    assert max(probs) == 3
+    assert set(np.unique(start)) <= set(probs)
+    for s, p in probs.items():
+        assert five_sigma(np.sum(start == s), n, p), (s, np.sum(start == s) / n, p)
+    m = 2_000
+    batch = jax.jit(sample_segments, static_argnums=(2, 3, 4, 5, 6))(
+        device, jax.random.key(1), m, seq_length, WEIGHTS, False, True)
+    final = r.episode(0)["obs"][5] / 255 * 2 - 1  # random frames: only the final frame equals it
+    ends_on_final = np.abs(np.asarray(batch.obs[:, -1]) - final).max(axis=(1, 2, 3)) < 1e-6
+    assert five_sigma(ends_on_final.sum(), m, probs[3])
+    assert np.asarray(batch.mask_padding)[ends_on_final, -1].all()
+    with pytest.raises(ValueError, match="include_final_frame"):
+        sample_segments(device, jax.random.key(0), 2, seq_length, WEIGHTS, True, True)
 
 
 def draw_episodes(replay, n, weights=WEIGHTS):

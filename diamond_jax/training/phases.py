@@ -38,7 +38,8 @@ def batch_sampler(config, name: str) -> Callable[[DeviceReplay, jax.Array], Batc
     else:
         seq_length, beyond_end = t.seq_length, True
     return functools.partial(sample_segments, batch_size=t.batch_size, seq_length=seq_length,
-                             sample_weights=tuple(t.sample_weights), can_sample_beyond_end=beyond_end)
+                             sample_weights=tuple(t.sample_weights), can_sample_beyond_end=beyond_end,
+                             include_final_frame=name == "denoiser" and t.include_final_frame)
 
 
 def initial_conditions_sampler(config, num_rows: int) -> Callable[[DeviceReplay, jax.Array], InitialConditions]:
