@@ -93,8 +93,9 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
     # channel axis) or "cross_attention" (the core U-Net sees the noised frame only and cross-attends to the
     # activations of a history encoder run on each past frame with shared parameters).
     c.denoiser.conditioning = "frame_stack"
-    # What the denoiser draws: "pixel" only, in the RL loop. ("latent", the latents of an autoencoder, is for world
-    # models of recorded play so far: configs/world_model.py, README "Latent world models".)
+    # What the denoiser draws: "pixel" (frames, the paper) or "latent" (the latents of the pretrained autoencoder
+    # at autoencoder.path; the reward/end model and the actor-critic still see frames, decoded from them;
+    # README "Latent world models").
     c.denoiser.space = "pixel"
     # Masked conditioning: the training probability that a row's conditioning is replaced by learned null
     # inputs (the paper: typically 0.2), which lets the model run unconditionally and be sampled with
@@ -133,6 +134,16 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
     c.denoiser.optimizer.lr = 1e-4  # AdamW learning rate
     c.denoiser.optimizer.weight_decay = 1e-2  # AdamW weight decay (weights of linear, conv and LSTM layers)
     c.denoiser.optimizer.eps = 1e-8  # AdamW epsilon
+
+    # The autoencoder of denoiser.space "latent" (unused in pixel space), frozen during the run.
+    c.autoencoder = config_dict.ConfigDict()
+    # Its folder: the --workdir of python -m diamond_jax.autoencoder, or the --out of python -m
+    # diamond_jax.convert_vae. It is copied into the run's workdir at the first start.
+    c.autoencoder.path = ""
+    # EDM's sigma_data in latent units (it replaces denoiser.sigma_data); 0 = measured after the initial
+    # collection as the std of every value of the encoded replay, and kept in <workdir>/latent.json.
+    c.autoencoder.sigma_data = 0.0
+    c.autoencoder.encode_batch = 64  # frames per encoder call when the replay is encoded for that measure
 
     c.rew_end_model = config_dict.ConfigDict()
     c.rew_end_model.lstm_dim = 512  # LSTM hidden size

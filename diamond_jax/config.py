@@ -153,11 +153,19 @@ def validate(c: config_dict.ConfigDict) -> None:
     if not sd.sigma_min < sd.sigma_max:
         fail("denoiser.sigma_distribution.sigma_min", sd.sigma_min,
               f"must be < sigma_max ({sd.sigma_max})", "swap or change the two values")
-    if c.denoiser.get("space", "pixel") != "pixel":  # configs saved before the field are pixel space
-        fail("denoiser.space", c.denoiser.space, "must be 'pixel' in the reinforcement-learning loop: the "
-             "actor-critic, the reward/end model and imagination work on frames (latent world models train on "
-             "recorded play only, so far)", "drop the override, or train a latent world model of recorded play "
-             "with python -m diamond_jax.world_model --config.denoiser.space=latent")
+    space = c.denoiser.get("space", "pixel")  # configs saved before the field are pixel space
+    if space not in ("pixel", "latent"):
+        fail("denoiser.space", space, "must be 'pixel' or 'latent'", "use pixel (the paper) or latent")
+    if space == "latent":
+        ae = c.get("autoencoder")
+        if ae is None or not ae.path:
+            fail("autoencoder.path", None if ae is None else ae.path, "must name an autoencoder for denoiser.space "
+                 "'latent'", "pass --config.autoencoder.path=<the --workdir of python -m diamond_jax.autoencoder, "
+                 "or the --out of python -m diamond_jax.convert_vae>")
+        positive_int("autoencoder.encode_batch")
+        if not isinstance(ae.sigma_data, (int, float)) or not (ae.sigma_data >= 0 and math.isfinite(ae.sigma_data)):
+            fail("autoencoder.sigma_data", ae.sigma_data, "must be a finite number >= 0",
+                 "use 0 to measure it on the encoded replay")
     im = c.denoiser.inner_model
     positive_int("denoiser.inner_model.num_steps_conditioning", "denoiser.inner_model.cond_channels",
                  "denoiser.training.num_autoregressive_steps")

@@ -93,7 +93,9 @@ def one_step_fn(agent: Agent):
 
     @jax.jit
     def step(variables: AgentVariables, obs: jax.Array, act: jax.Array, next_obs: jax.Array, key: jax.Array):
-        imagined = sample_next_obs(agent.denoiser, variables["denoiser"], key, obs, act, agent.sampler)
+        # A latent agent's denoiser draws from the context's latents; the frame is their decoding.
+        imagined = agent.decode(variables, sample_next_obs(agent.denoiser, variables["denoiser"], key,
+                                                           agent.encode(variables, obs), act, agent.sampler))
 
         def predict(last):
             # The LSTM runs over the context's n transitions, all real but the last one's next frame.

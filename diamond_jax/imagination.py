@@ -15,7 +15,7 @@ Each rollout brings `initial_conditions_per_row` fresh initial conditions per ro
 often than that within one rollout reuses them in turn.
 """
 
-from typing import NamedTuple, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import chex
 import jax
@@ -39,6 +39,7 @@ class ResetPoint(NamedTuple):
     rew_end_hx_cx: HxCx  # after the n - 1 transitions of the initial condition
     ac_hx_cx: HxCx  # actor-critic state before the last frame
     ac_out: ActorCriticOutput  # actor-critic output at the last frame
+    lat: Optional[jax.Array] = None  # a latent agent's [b, n, h / f, w / f, c]: the frames' latents
 
 
 class ImaginationState(NamedTuple):
@@ -47,6 +48,9 @@ class ImaginationState(NamedTuple):
     rew_end_hx_cx: HxCx
     ac_hx_cx: HxCx  # actor-critic state before the current frame
     ep_len: jax.Array  # int32 [b] steps imagined since the row's last restart
+    # A latent agent's [b, n, h / f, w / f, c]: the latents the denoiser drew (or encoded) for those frames, its
+    # context; None for a pixel agent, whose denoiser draws from obs.
+    lat: Optional[jax.Array] = None
 
 
 class Trajectory(NamedTuple):
@@ -82,21 +86,25 @@ def burn_in(agent: Agent, variables: AgentVariables, init: InitialConditions) ->
     *_, rew_end_hx_cx = agent.rew_end_model.predict_rew_end(
         variables["rew_end_model"], init.obs[:, :-1], init.act[:, :-1], init.obs[:, 1:])
     ac_hx_cx, ac_out = burn_in_actor_critic(agent, variables["actor_critic"], init)
-    return ResetPoint(init.obs, init.act, jax.lax.stop_gradient(rew_end_hx_cx), ac_hx_cx, ac_out)
+    lat = agent.encode(variables, init.obs) if agent.is_latent else None
+    return ResetPoint(init.obs, init.act, jax.lax.stop_gradient(rew_end_hx_cx), ac_hx_cx, ac_out, lat)
 
 
 def initial_state(point: ResetPoint) -> ImaginationState:
-    """Every row at the start of an episode."""
+    """Rows at the start of an episode, from their reset points."""
     return ImaginationState(point.obs, point.act, point.rew_end_hx_cx, point.ac_hx_cx,
-                            jnp.zeros(point.act.shape[0], jnp.int32))
+                            jnp.zeros(point.act.shape[0], jnp.int32), point.lat)
 
 
 def zero_state(agent: Agent, batch_size: int) -> ImaginationState:
     """Rows of zeros with the shapes of an ImaginationState (a placeholder until real initial conditions)."""
     n, size = agent.denoiser.num_steps_conditioning, agent.size
+    lat = None
+    if agent.is_latent:
+        lat = jnp.zeros((batch_size, n, agent.denoised_size, agent.denoised_size, agent.autoencoder.latent_channels))
     return ImaginationState(jnp.zeros((batch_size, n, size, size, 3)), jnp.zeros((batch_size, n), jnp.int32),
                             agent.rew_end_model.initial_state(batch_size),
-                            agent.actor_critic.initial_state(batch_size), jnp.zeros((batch_size,), jnp.int32))
+                            agent.actor_critic.initial_state(batch_size), jnp.zeros((batch_size,), jnp.int32), lat)
 
 
 def _where_rows(mask: jax.Array, a, b):
@@ -125,19 +133,27 @@ def world_model_step(agent: Agent, variables: AgentVariables, state: Imagination
     """
     key_obs, key_rew, key_end = jax.random.split(key, 3)
     act_buffer = state.act.at[:, -1].set(act)
-    next_obs = sample_next_obs(agent.denoiser, variables["denoiser"], key_obs, state.obs, act_buffer, agent.sampler)
+    drawn = sample_next_obs(agent.denoiser, variables["denoiser"], key_obs,
+                            state.lat if agent.is_latent else state.obs, act_buffer, agent.sampler)
+    next_obs = agent.decode(variables, drawn)  # the reward/end model and the actor-critic see frames
     logits_rew, logits_end, rew_end_hx_cx = agent.rew_end_model.predict_rew_end(
         variables["rew_end_model"], state.obs[:, -1:], act[:, None], next_obs[:, None], state.rew_end_hx_cx)
     rew = (jax.random.categorical(key_rew, logits_rew[:, 0]) - 1).astype(jnp.float32)
     end = jax.random.categorical(key_end, logits_end[:, 0]).astype(jnp.int32)
     continued = ImaginationState(
-        obs=jnp.concatenate([state.obs[:, 1:], next_obs[:, None]], axis=1),
+        obs=_shift(state.obs, next_obs),
         act=jnp.roll(act_buffer, -1, axis=1),
         rew_end_hx_cx=rew_end_hx_cx,
         ac_hx_cx=ac_hx_cx,
         ep_len=state.ep_len + 1,
+        lat=_shift(state.lat, drawn) if agent.is_latent else None,
     )
     return WorldModelStep(next_obs, rew, end), continued
+
+
+def _shift(past: jax.Array, new: jax.Array) -> jax.Array:
+    """[b, n, ...] without its oldest entry, with new [b, ...] appended."""
+    return jnp.concatenate([past[:, 1:], new[:, None]], axis=1)
 
 
 def rollout(agent: Agent, variables: AgentVariables, state: ImaginationState, pool: InitialConditions,
@@ -171,8 +187,7 @@ def rollout(agent: Agent, variables: AgentVariables, state: ImaginationState, po
 
         dead = (out.end + trunc) > 0
         point = _pick(points, num_restarts % k)
-        restarted = ImaginationState(point.obs, point.act, point.rew_end_hx_cx, point.ac_hx_cx,
-                                     jnp.zeros_like(continued.ep_len))
+        restarted = initial_state(point)
         traj_t = Trajectory(wm.obs[:, -1], act, out.rew, out.end, trunc, ac_out.logits_act, ac_out.val,
                             next_ac_out.val, out.next_obs, jnp.where(dead, num_restarts % k, -1))
         carry = (_where_rows(dead, restarted, continued), _where_rows(dead, point.ac_out, next_ac_out),
@@ -189,7 +204,7 @@ class ActorCriticInputs(NamedTuple):
 
     state: ImaginationState  # rows sharded over devices
     pool: InitialConditions  # [b, K, ...], rows sharded over devices
-    world_model: AgentVariables  # {"denoiser": ..., "rew_end_model": ...}, frozen
+    world_model: AgentVariables  # {"denoiser": ..., "rew_end_model": ...} (and a latent agent's "autoencoder")
 
 
 def replay_actor_critic(agent: Agent, ac_variables, state: ImaginationState, pool: InitialConditions,

@@ -344,18 +344,6 @@ def test_latent_configs_are_checked(ae_run):
         wm_cfg.validate(wm_config(**{"denoiser.space": "voxel"}))
 
 
-def test_the_rl_loop_refuses_latent_space():
-    from configs import atari100k
-    from diamond_jax import config as config_lib
-    from diamond_jax.config import ConfigError
-    from conftest import with_fields
-
-    config_lib.validate(atari100k.get_config("debug"))
-    with pytest.raises(ConfigError, match="denoiser.space='latent': must be 'pixel' in the reinforcement-learning "
-                                          "loop.*Fix: .*--config.denoiser.space=latent"):
-        config_lib.validate(with_fields(atari100k.get_config("debug"), **{"denoiser.space": "latent"}))
-
-
 def test_dream_shows_a_latent_world_models_decoded_frames(blocks, latent_run, tmp_path):
     from diamond_jax.world_model import watch
 

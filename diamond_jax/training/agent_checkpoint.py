@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 from ml_collections import config_dict
 
 from diamond_jax import config as config_lib
-from diamond_jax.agent import Agent, AgentVariables
+from diamond_jax.agent import Agent, AgentVariables, LatentSpace
 
 FORMAT = "diamond_jax.agent"
 FORMAT_VERSION = 1
@@ -39,11 +39,13 @@ class AgentCheckpointError(Exception):
 
 
 def save_agent(directory: PathLike, config: config_dict.ConfigDict, variables: AgentVariables,
-               step: Optional[int] = None, provenance: Optional[Dict[str, Any]] = None) -> Path:
-    """Writes the agent to `directory`, replacing any agent there only once the new one is complete."""
+               step: Optional[int] = None, provenance: Optional[Dict[str, Any]] = None,
+               latent: Optional[LatentSpace] = None) -> Path:
+    """Writes the agent to `directory`, replacing any agent there only once the new one is complete. A latent
+    agent's variables hold its autoencoder's, and `latent` its architecture and sigma_data (in agent.json)."""
     directory = Path(directory).absolute()
     num_actions = _num_actions(variables)
-    expected = abstract_variables(Agent.from_config(config, num_actions))
+    expected = abstract_variables(Agent.from_config(config, num_actions, latent))
     problems = _shape_problems(_shapes(variables), _shapes(expected))
     if problems:
         raise AgentCheckpointError(
@@ -58,6 +60,8 @@ def save_agent(directory: PathLike, config: config_dict.ConfigDict, variables: A
         "provenance": provenance or {},
         "config": json.loads(config.to_json_best_effort()),
     }
+    if latent is not None:
+        info["latent"] = latent.to_json()
     staging, previous = _sibling(directory, "saving"), _sibling(directory, "previous")
     directory.parent.mkdir(parents=True, exist_ok=True)
     _remove(staging)  # left by an interrupted save
@@ -78,7 +82,8 @@ def load_agent(directory: PathLike) -> Tuple[config_dict.ConfigDict, Agent, Agen
     try:
         config = _config_from_json(info["config"])
         num_actions = int(info["num_actions"])
-        agent = Agent.from_config(config, num_actions)
+        latent = LatentSpace.from_json(info["latent"]) if "latent" in info else None
+        agent = Agent.from_config(config, num_actions, latent)
         abstract = abstract_variables(agent)
     except Exception as e:
         raise AgentCheckpointError(

@@ -2,10 +2,13 @@
 and the latent scaling of models/autoencoder.py's `Autoencoder`) and `params.npz` (one float32 array per
 parameter, named by its Flax path joined by "/"). The autoencoder trainer writes one into its workdir
 (`<workdir>/export`) at every checkpoint; `python -m diamond_jax.convert_vae` writes one from a diffusers
-checkpoint."""
+checkpoint. A latent run (world model or agent) copies its autoencoder into its own workdir
+(`autoencoder_of_run`)."""
 
 import json
+import logging
 import os
+import shutil
 from typing import Any, Dict, Tuple
 
 import jax
@@ -17,6 +20,7 @@ from diamond_jax.models.autoencoder import Autoencoder, Variables
 ARCH_FILE = "autoencoder.json"
 PARAMS_FILE = "params.npz"
 EXPORT_DIR = "export"  # inside an autoencoder run's workdir
+AUTOENCODER_DIR = "autoencoder"  # a latent run's copy of its autoencoder, inside the run's workdir
 
 
 class ExportError(ValueError):
@@ -73,3 +77,15 @@ def load_export(path: str) -> Tuple[Autoencoder, Variables]:
                           + ". Fix: export it again.")
     params = traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in found.items()})
     return autoencoder, {"params": jax.tree.map(jax.numpy.asarray, params)}
+
+
+def autoencoder_of_run(path: str, workdir: str) -> Tuple[Autoencoder, Variables]:
+    """A latent run's copy of its autoencoder, made from `path` (config.autoencoder.path) at the first start and
+    read from the workdir afterwards: the run cannot change under it when the autoencoder's own run goes on."""
+    copy = os.path.join(workdir, AUTOENCODER_DIR)
+    if not os.path.isdir(copy):
+        source = resolve(path)
+        shutil.copytree(source, copy + ".tmp", dirs_exist_ok=True)
+        os.replace(copy + ".tmp", copy)
+        logging.info("Copied the autoencoder %s into %s", source, copy)
+    return load_export(copy)

@@ -27,11 +27,12 @@ from ml_collections import config_dict
 from tqdm import tqdm
 
 from diamond_jax import envs, imagination, scores
-from diamond_jax.agent import MODEL_NAMES, Agent
+from diamond_jax.agent import AUTOENCODER, MODEL_NAMES, Agent, LatentSpace
 from diamond_jax.data.replay import ReplayDataset
 from diamond_jax.envs.collect import Interrupted, TrainCollector, collect_initial, collect_test_episodes
-from diamond_jax.training import paper, parallel, phases, steps
+from diamond_jax.training import latent_agent, paper, parallel, phases, steps
 from diamond_jax.training.agent_checkpoint import save_agent
+from diamond_jax.training.autoencoder_export import autoencoder_of_run
 from diamond_jax.training.checkpoint import RunCheckpointer
 from diamond_jax.training.logger import RunLogger
 from diamond_jax.training.workdir import open_workdir
@@ -78,7 +79,15 @@ class Trainer:
         for name in MODEL_NAMES:
             parallel.check_batch_size(config[name].training.batch_size, self.mesh, f"{name}.training.batch_size")
         self.num_actions = envs.num_actions(config)
-        self.agent = Agent.from_config(config, self.num_actions)
+        # A latent agent's frozen autoencoder ({"autoencoder": variables}, replicated); {} for a pixel agent.
+        self.frozen: Dict[str, Any] = {}
+        latent = None
+        if latent_agent.is_latent(config):
+            autoencoder, variables = autoencoder_of_run(config.autoencoder.path, self.workdir)
+            self.frozen = {AUTOENCODER: parallel.place(variables, parallel.replicated(self.mesh))}
+            # Until sigma_data is measured after the initial collection, a placeholder: no shape depends on it.
+            latent = LatentSpace(autoencoder, latent_agent.known_sigma_data(config, self.workdir) or 1.0)
+        self.agent = Agent.from_config(config, self.num_actions, latent)
         self.optimizers = {name: steps.optimizer_from_config(config[name]) for name in MODEL_NAMES}
         self.key = jax.random.key(config.seed)
         self.rep, self.data = parallel.replicated(self.mesh), parallel.data_sharded(self.mesh)
@@ -129,6 +138,8 @@ class Trainer:
                                          sharding=self.rep)
         self.collector = self._new_collector()
         self.collector.restore(_collector_from_json(meta["collector"]))
+        if self.progress.epoch >= 1:
+            self._check_sigma_data()  # a run stopped between its initial collection and the measure
         # Steps lost to damaged replay files were collected all the same: the envs are past them (load logged
         # which files, and the run goes on with the rest).
         if self.collector.num_steps != self.replay.num_steps + self.replay.num_lost_steps:
@@ -259,10 +270,24 @@ class Trainer:
 
         collected = collect_initial(collect, lambda: self.replay.counts_rew, self.config)
         bar.close()
+        self._check_sigma_data()
         self.progress.num_epochs_collect = (t.num_steps_total - collected) // t.steps_per_epoch
         _log(logging.INFO, f"Initial collection: {collected} steps, reward counts (-1, 0, +1) "
              f"{self.replay.counts_rew.tolist()}; {self.progress.num_epochs_collect} epochs will collect, "
              f"{self.num_epochs} in all.")
+
+    def _check_sigma_data(self) -> None:
+        """A latent agent's sigma_data, measured on the encoded replay if nothing fixed it yet; the agent and its
+        compiled programs are then rebuilt around it."""
+        if not self.agent.is_latent or latent_agent.known_sigma_data(self.config, self.workdir) is not None:
+            return
+        autoencoder = self.agent.autoencoder
+        sigma_data = latent_agent.measure_sigma_data(self.config, self.workdir, autoencoder, self.frozen[AUTOENCODER],
+                                                     self.replay, write=self.is_writer)
+        self.agent = Agent.from_config(self.config, self.num_actions, LatentSpace(autoencoder, sigma_data))
+        self._compiled.clear()
+        _log(logging.INFO, f"Latent space: sigma_data {sigma_data:.4f}, measured on the encoded replay "
+             f"({os.path.join(self.workdir, latent_agent.LATENT_FILE)})")
 
     def _phase_fn(self, name: str, num_steps: int):
         key = (name, num_steps)
@@ -289,7 +314,10 @@ class Trainer:
             first = jnp.int32(p.phase_step)
             if name == "actor_critic":
                 world_model = {m: self.state["models"][m].variables() for m in ("denoiser", "rew_end_model")}
-                model, imagined, metrics = fn(model, self.state["imagined"], world_model, replay, key, first)
+                model, imagined, metrics = fn(model, self.state["imagined"], {**world_model, **self.frozen}, replay,
+                                              key, first)
+            elif name == "denoiser" and self.agent.is_latent:
+                model, metrics = fn(model, phases.LatentReplay(replay, self.frozen), key, first)
             else:
                 model, metrics = fn(model, replay, key, first)
             finite, index = phases.first_non_finite(metrics[LOSS[name]])
@@ -334,8 +362,12 @@ class Trainer:
         left = per_epoch * (self.num_epochs - p.epoch + 1)
         return f"run: epoch {p.epoch}/{self.num_epochs}, {_duration(left)} left"
 
+    def _variables(self) -> Dict[str, Any]:
+        """Every model's variables, with a latent agent's autoencoder."""
+        return {**{name: self.state["models"][name].variables() for name in MODEL_NAMES}, **self.frozen}
+
     def _start_imagination(self, replay) -> None:
-        variables = {name: self.state["models"][name].variables() for name in MODEL_NAMES}
+        variables = self._variables()
         start = phases.make_imagination_start(self.agent, self.config, self.mesh)
         self.state["imagined"] = start(variables, replay, jax.random.fold_in(self.key, KEY_IMAGINE))
         self.progress.imagination_started = True
@@ -357,8 +389,8 @@ class Trainer:
 
     def _save_agent(self) -> None:
         if self.is_writer:  # every process holds the same replicated variables
-            variables = {name: self.state["models"][name].variables() for name in MODEL_NAMES}
-            save_agent(os.path.join(self.workdir, "agent"), self.config, variables, step=self.progress.epoch)
+            save_agent(os.path.join(self.workdir, "agent"), self.config, self._variables(), step=self.progress.epoch,
+                       latent=self.agent.latent)
 
     def _evaluate(self) -> None:
         self._save_agent()
@@ -371,9 +403,8 @@ class Trainer:
         if "rollout" not in self._compiled:
             rows = self.config.actor_critic.training.batch_size
             self._compiled["rollout"] = phases.make_imagined_rollout(self.agent, self.config, self.mesh, rows)
-        variables = {name: self.state["models"][name].variables() for name in MODEL_NAMES}
         key = jax.random.fold_in(jax.random.fold_in(self.key, KEY_IMAGINE), self.progress.epoch)
-        return self._compiled["rollout"](variables, self.replay.device_replay(), key)
+        return self._compiled["rollout"](self._variables(), self.replay.device_replay(), key)
 
     def _record_evaluation(self, result: Dict[str, List], final: bool) -> None:
         p = self.progress

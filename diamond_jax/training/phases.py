@@ -11,14 +11,14 @@ phase is cut into calls, which is what lets a resumed run match an uninterrupted
 """
 
 import functools
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from diamond_jax import imagination
-from diamond_jax.agent import Agent
+from diamond_jax.agent import Agent, AgentVariables
 from diamond_jax.data.batch import Batch
 from diamond_jax.data.replay import DeviceReplay
 from diamond_jax.data.sampling import sample_segments
@@ -29,17 +29,34 @@ from diamond_jax.training.steps import TrainState
 Metrics = Dict[str, jax.Array]
 
 
-def batch_sampler(config, name: str) -> Callable[[DeviceReplay, jax.Array], Batch]:
-    """Segments for one model, with the official lengths and padding rules."""
+class LatentReplay(NamedTuple):
+    """What a latent agent's denoiser phase samples from: the replay's frames, and the autoencoder that encodes
+    them (training/latent_agent.py)."""
+
+    replay: DeviceReplay
+    frozen: AgentVariables  # {"autoencoder": ...}
+
+
+def batch_sampler(config, name: str, agent: Optional[Agent] = None) -> Callable[[Any, jax.Array], Batch]:
+    """Segments for one model, with the official lengths and padding rules: sample(replay, key). A latent
+    agent's denoiser samples from a LatentReplay, and its batches hold the frames' latents."""
     t = config[name].training
     n = config.denoiser.inner_model.num_steps_conditioning
     if name == "denoiser":
         seq_length, beyond_end = n + 1 + t.num_autoregressive_steps, False
     else:
         seq_length, beyond_end = t.seq_length, True
-    return functools.partial(sample_segments, batch_size=t.batch_size, seq_length=seq_length,
-                             sample_weights=tuple(t.sample_weights), can_sample_beyond_end=beyond_end,
-                             include_final_frame=name == "denoiser" and t.include_final_frame)
+    sample = functools.partial(sample_segments, batch_size=t.batch_size, seq_length=seq_length,
+                               sample_weights=tuple(t.sample_weights), can_sample_beyond_end=beyond_end,
+                               include_final_frame=name == "denoiser" and t.include_final_frame)
+    if name != "denoiser" or agent is None or not agent.is_latent:
+        return sample
+
+    def sample_latents(data: LatentReplay, key: jax.Array) -> Batch:
+        batch = sample(data.replay, key)
+        return batch._replace(obs=agent.encode(data.frozen, batch.obs))
+
+    return sample_latents
 
 
 def initial_conditions_sampler(config, num_rows: int) -> Callable[[DeviceReplay, jax.Array], InitialConditions]:
@@ -73,7 +90,8 @@ def _updates(body, carry, num_steps: int, scan: bool):
 
 
 def make_model_phase(update, sample_batch, mesh: Mesh, num_steps: int, scan: bool = True):
-    """chunk(state, replay, key, first_step) -> (state, metrics stacked over num_steps updates)."""
+    """chunk(state, replay, key, first_step) -> (state, metrics stacked over num_steps updates); replay is what
+    sample_batch samples from (a DeviceReplay, or a latent agent's LatentReplay)."""
     rep, data = parallel.replicated(mesh), parallel.data_sharded(mesh)
 
     def chunk(state: TrainState, replay: DeviceReplay, key: jax.Array, first_step: jax.Array):
@@ -116,12 +134,13 @@ def make_actor_critic_phase(agent: Agent, config, optimizer, mesh: Mesh, num_ste
 
 def make_phase(agent: Agent, config, name: str, optimizer, mesh: Mesh, num_steps: int, scan: bool):
     """The compiled call of one model's phase as training runs it: num_steps updates (1 without scan).
-    denoiser / rew_end_model: chunk(state, replay, key, first_step) -> (state, metrics);
+    denoiser / rew_end_model: chunk(state, replay, key, first_step) -> (state, metrics), replay a LatentReplay
+    for a latent agent's denoiser;
     actor_critic: chunk(state, imagined, world_model, replay, key, first_step) -> (state, imagined, metrics)."""
     if name == "actor_critic":
         return make_actor_critic_phase(agent, config, optimizer, mesh, num_steps, scan=scan)
     update = steps.make_update(getattr(agent, name).loss, optimizer)
-    return make_model_phase(update, batch_sampler(config, name), mesh, num_steps, scan=scan)
+    return make_model_phase(update, batch_sampler(config, name, agent), mesh, num_steps, scan=scan)
 
 
 def make_imagination_start(agent: Agent, config, mesh: Mesh):

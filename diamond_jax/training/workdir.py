@@ -36,7 +36,7 @@ ADDED_FIELDS = {"env.backend": "envpool", "training.phase_loop": "auto", "collec
                 "denoiser.conditioning": "frame_stack", "denoiser.condition_dropout": 0.0,
                 "denoiser.condition_dropout_target": "all", "denoiser.cross_attention.": INERT,
                 "world_model_env.sampler.guidance_scale": 0.0, "sampler.guidance_scale": 0.0,
-                "denoiser.space": "pixel", "autoencoder.": INERT}
+                "denoiser.space": "pixel", "autoencoder.": INERT, "denoiser.training.include_final_frame": False}
 
 
 class WorkdirInUse(OSError):

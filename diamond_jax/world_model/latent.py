@@ -18,7 +18,6 @@ back from there.
 import json
 import logging
 import os
-import shutil
 import time
 from typing import Any, Dict, Tuple
 
@@ -26,30 +25,14 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from diamond_jax.training.autoencoder_export import load_export, resolve
+from diamond_jax.training.autoencoder_export import AUTOENCODER_DIR, autoencoder_of_run, load_export
 from diamond_jax.data.batch import obs_from_frames
 from diamond_jax.data.recorded import RecordedDataset, Segments
 from diamond_jax.models.autoencoder import Autoencoder, Variables
 from diamond_jax.models.upsampler import resize_frames
 
-AUTOENCODER_DIR = "autoencoder"  # the run's copy of its autoencoder
 LATENT_FILE = "latent.json"  # sigma_data and the latents' statistics
 LATENTS_FILE = "latents.npz"  # the encoded dataset, one array per episode ("episode_<id>")
-
-
-def is_latent(config) -> bool:
-    return config.denoiser.get("space", "pixel") == "latent"
-
-
-def autoencoder_of_run(config, workdir: str) -> Tuple[Autoencoder, Variables]:
-    """The run's copy of its autoencoder, made from config.autoencoder.path at the first start."""
-    copy = os.path.join(workdir, AUTOENCODER_DIR)
-    if not os.path.isdir(copy):
-        source = resolve(config.autoencoder.path)
-        shutil.copytree(source, copy + ".tmp", dirs_exist_ok=True)
-        os.replace(copy + ".tmp", copy)
-        logging.info("Copied the autoencoder %s into %s", source, copy)
-    return load_export(copy)
 
 
 def encode_episodes(autoencoder: Autoencoder, variables: Variables, dataset: RecordedDataset,
@@ -104,7 +87,7 @@ def prepare(config, dataset: RecordedDataset, workdir: str, write: bool = True
             ) -> Tuple[Autoencoder, Variables, LatentDataset, float]:
     """The autoencoder, its variables, the encoded dataset and sigma_data (measured, or the config's) of a latent
     world-model run; latent.json records them at the first start and gives sigma_data back on resume."""
-    autoencoder, variables = autoencoder_of_run(config, workdir)
+    autoencoder, variables = autoencoder_of_run(config.autoencoder.path, workdir)
     autoencoder.check_size(tuple(config.resolution))  # before any encoding
     started = time.monotonic()
     cache = os.path.join(workdir, LATENTS_FILE)

@@ -23,6 +23,7 @@ from diamond_jax.data.batch import Batch
 from diamond_jax.data.recorded import RecordedDataset
 from diamond_jax.training import parallel, steps
 from diamond_jax.training.checkpoint import RunCheckpointer
+from diamond_jax.training.latent_agent import is_latent
 from diamond_jax.training.logger import RunLogger
 from diamond_jax.training.loop import NonFiniteLoss, Preempted
 from diamond_jax.training.workdir import open_workdir
@@ -109,7 +110,7 @@ class WorldModelTrainer:
             raise
         self.data_source, self.autoencoder_variables = self.dataset, None
         try:
-            if latent.is_latent(config):
+            if is_latent(config):
                 autoencoder, self.autoencoder_variables, self.data_source, sigma_data = latent.prepare(
                     config, self.dataset, self.workdir, write=self.is_writer)
                 self.model = WorldModel.from_config(config, self.dataset.action.size, self.dataset.frame_shape,
