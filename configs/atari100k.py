@@ -21,6 +21,9 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
 
     c.game = "Breakout"  # one of the 26 Atari 100k games (diamond_jax.envs.games.ATARI_100K_GAMES)
     c.seed = 0  # seeds every random draw: model init, sampling, collection, envs
+    # Seeds trained as one group in one process, e.g. (0, 1, 2, 3, 4): every model vmapped over a seed axis, each
+    # seed a run of its own in <workdir>/seed_<s> (training/group.py). () = one run, with `seed`.
+    c.seeds = ()
     c.num_devices = 0  # local devices to shard batches over; 0 = all of them
     # Dtype of the models' matrix products, convolutions and activations (diamond_jax/models/precision.py):
     # "float32" (the paper's) or "bfloat16" (for GPUs and TPUs; parameters, optimiser states,
@@ -70,6 +73,11 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
     # update per call, the host loops: XLA's CPU backend differentiates convolutions 10-70x slower inside a
     # loop), "auto" (scan on GPU/TPU, python on CPU). Both compute the same updates from the same keys.
     c.training.phase_loop = "auto"
+    # How a seed group (seeds) trains its seeds: "vmap" (one program vmapped over the seeds: one launch per
+    # kernel for all of them), "sequential" (each seed's own program, one seed after another, call by call), "auto"
+    # (vmap on GPU/TPU; sequential on CPU, where XLA runs the vmapped convolutions of different weights about 2x
+    # slower than the seeds one by one: docs/benchmarks.md). Both compute the same updates from the same keys.
+    c.training.seed_loop = "auto"
 
     c.evaluation = config_dict.ConfigDict()
     c.evaluation.every = 10  # evaluate every this many epochs

@@ -12,6 +12,8 @@ from diamond_jax.models.sizes import ATTN_HEAD_DIM, GN_GROUP_SIZE, cond_channels
 
 # How a compiled training call loops over its updates (training.phases.use_scan).
 PHASE_LOOPS = ("auto", "scan", "python")
+# How a seed group trains its seeds (training.group.use_vmap).
+SEED_LOOPS = ("auto", "vmap", "sequential")
 
 
 class ConfigError(ValueError):
@@ -97,6 +99,13 @@ def validate(c: config_dict.ConfigDict) -> None:
 
     if not isinstance(c.seed, int) or c.seed < 0:
         fail("seed", c.seed, "must be an integer >= 0", "pass e.g. --config.seed=3")
+    seeds = c.get("seeds", ())
+    if not isinstance(seeds, tuple) or any(not isinstance(x, int) or isinstance(x, bool) or x < 0 for x in seeds) \
+            or len(set(seeds)) < len(seeds):
+        fail("seeds", seeds, "must be distinct integers >= 0", "pass e.g. --config.seeds=0,1,2 (or () for one run)")
+    if seeds and c.denoiser.get("space", "pixel") == "latent":
+        fail("seeds", seeds, "cannot group the seeds of a latent agent (its sigma_data and denoiser phase are per run)",
+             "run the seeds as separate processes, one --config.seed each")
     if not isinstance(c.num_devices, int) or c.num_devices < 0:
         fail("num_devices", c.num_devices, "must be an integer >= 0", "use 0 for all local devices")
     precision = c.get("precision", DEFAULT_PRECISION)  # absent from configs saved before it existed
@@ -124,6 +133,9 @@ def validate(c: config_dict.ConfigDict) -> None:
                  "collection.test.num_episodes", "collection.test.num_final_episodes", "evaluation.every",
                  "checkpoint.every_epochs", "checkpoint.keep")
     positive_int("training.steps_per_call", "world_model_env.initial_conditions_per_row")
+    if c.training.get("seed_loop", "auto") not in SEED_LOOPS:
+        fail("training.seed_loop", c.training.seed_loop, f"must be one of {', '.join(SEED_LOOPS)}",
+             "use auto (vmap on GPU/TPU, one seed after another on CPU)")
     if c.training.phase_loop not in PHASE_LOOPS:
         fail("training.phase_loop", c.training.phase_loop, f"must be one of {', '.join(PHASE_LOOPS)}",
               "use auto (scan on GPU/TPU, one update per call on CPU)")

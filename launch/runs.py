@@ -33,19 +33,36 @@ class BadInput(LaunchError):
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """One (game, seed) of a sweep: its run directory and the command that starts, or resumes, it there."""
+    """One job of a sweep: a game and its seed (or, with --seeds_per_process, a group of seeds trained in one
+    process), its run directory and the command that starts, or resumes, it there."""
 
     game: str
-    seed: int
+    seeds: Tuple[int, ...]
     workdir: str
     command: Tuple[str, ...]
 
     @property
     def name(self) -> str:
-        return f"{self.game}-{self.seed}"
+        return f"{self.game}-{'_'.join(map(str, self.seeds))}"
+
+    @property
+    def is_group(self) -> bool:
+        return len(self.seeds) > 1
 
     def path(self, filename: str) -> str:
         return os.path.join(self.workdir, filename)
+
+    def seed_dirs(self) -> List[str]:
+        """Where each seed's run lives: the run directory, or a group's seed_<s> directories."""
+        if not self.is_group:
+            return [self.workdir]
+        return [os.path.join(self.workdir, f"seed_{s}") for s in self.seeds]
+
+    def results_paths(self) -> List[str]:
+        return [os.path.join(d, RESULTS_FILE) for d in self.seed_dirs()]
+
+    def finished(self) -> bool:
+        return all(os.path.exists(p) for p in self.results_paths())
 
     def shell_command(self) -> str:
         """The command as a person would type it."""
@@ -53,29 +70,34 @@ class Run:
 
 
 def plan(games: Sequence[str], seeds: Sequence[int], root: str, preset: Optional[str] = None,
-         overrides: Sequence[str] = (), program: Sequence[str] = DIAMOND_MAIN) -> List[Run]:
+         overrides: Sequence[str] = (), program: Sequence[str] = DIAMOND_MAIN, seeds_per_process: int = 1
+         ) -> List[Run]:
     """Every (game, seed), seed after seed: the first seed of every game comes first, so that a sweep cut short
-    still covers the whole benchmark. `overrides` are --config.<key>=<value> arguments."""
+    still covers the whole benchmark. `overrides` are --config.<key>=<value> arguments. With seeds_per_process
+    N > 1, consecutive seeds go N by N into one job (--config.seeds), the run <Game>-<s1>_<s2>_... whose seeds
+    live in its seed_<s> directories."""
+    groups = [tuple(seeds[i:i + seeds_per_process]) for i in range(0, len(seeds), seeds_per_process)]
     runs = []
-    for seed in seeds:
+    for group in groups:
         for game in games:
-            workdir = os.path.join(root, f"{game}-{seed}")
+            workdir = os.path.join(root, f"{game}-{'_'.join(map(str, group))}")
             presets = ",".join([f"game={game}"] + ([preset] if preset else []))
-            command = (*program, f"--config={CONFIG_FILE}:{presets}", f"--config.seed={seed}", f"--workdir={workdir}",
-                       *overrides)
-            runs.append(Run(game, seed, workdir, command))
+            seed_flag = f"--config.seeds={','.join(map(str, group))}" if len(group) > 1 else f"--config.seed={group[0]}"
+            command = (*program, f"--config={CONFIG_FILE}:{presets}", seed_flag, f"--workdir={workdir}", *overrides)
+            runs.append(Run(game, group, workdir, command))
     return runs
 
 
 def state(run: Run, queued: FrozenSet[str] = frozenset()) -> str:
     """`queued`: names of runs whose SLURM job is still pending or running."""
-    if os.path.exists(run.path(RESULTS_FILE)):
+    if run.finished():  # a group: every seed (it resumes the others alone and skips the finished ones)
         return DONE
     if run.name in queued:
         return QUEUED
     if os.path.exists(run.path(FAILED_FILE)):
         return FAILED
-    if os.path.isdir(run.path("checkpoints")) and os.listdir(run.path("checkpoints")):
+    if any(os.path.isdir(os.path.join(d, "checkpoints")) and os.listdir(os.path.join(d, "checkpoints"))
+           for d in run.seed_dirs()):
         return RESUME
     return NEW
 
@@ -94,7 +116,7 @@ def start(run: Run, env: Optional[Dict[str, str]] = None, **popen_kwargs) -> sub
 
 def record_exit(run: Run, code: int) -> str:
     """DONE, RESUME (the run saved and stopped: start it again) or FAILED, which <workdir>/failed.txt records."""
-    if code == 0 and os.path.exists(run.path(RESULTS_FILE)):
+    if code == 0 and run.finished():
         return DONE
     # A SIGTERM that comes while the run starts, before it handles SIGTERM, kills it; it had done nothing yet
     # since its last checkpoint.

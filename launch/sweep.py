@@ -4,7 +4,10 @@
     python -m launch.sweep --games=Pong,Breakout --seeds=1 --root=runs/smoke --preset=debug --launcher=local
 
 Run <Game>-<seed> lives in <root>/<Game>-<seed> and is diamond_jax.main with that --workdir, so launching a sweep
-again skips the runs that finished (results.json) and resumes the others from their checkpoints. The SLURM side
+again skips the runs that finished (results.json) and resumes the others from their checkpoints. With
+--seeds_per_process=N, N seeds of a game train in one process (--config.seeds): run <Game>-<s1>_..._<sN>, each
+seed in its seed_<s> directory; the group is done when every seed is, and a resumed group skips its finished
+seeds. The SLURM side
 (submitit) is in launch/slurm.py, the run-state model both use in launch/runs.py.
 
 Exit status: 0 when every run is done (local) or submitted (slurm), 1 when a run failed, 2 for bad input, 75 when
@@ -88,8 +91,9 @@ def parse_overrides(items: Sequence[str], preset: Optional[str]) -> Tuple[str, .
         if not equals or not key:
             raise BadInput(f"--config_override={item!r} is not key=value. Fix: e.g. "
                            "--config_override=training.num_final_epochs=10")
-        if key in ("game", "seed"):
-            raise BadInput(f"--config_override={item!r}: the sweep sets {key} for each run. Fix: use --{key}s.")
+        if key in ("game", "seed", "seeds"):
+            raise BadInput(f"--config_override={item!r}: the sweep sets {key} for each run. Fix: use "
+                           f"--{key.rstrip('s')}s (and --seeds_per_process).")
         if not _has_field(config, key):
             raise BadInput(f"--config_override={item!r}: the config has no field {key!r}. Fix: use a field of "
                            f"{CONFIG_FILE}, e.g. --config_override=training.num_final_epochs=10")
@@ -261,6 +265,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="'all' (the 26 Atari 100k games) or comma-separated names, e.g. Pong,Breakout.")
     p.add_argument("--seeds", required=True,
                    help="N for seeds 0 to N-1, or comma-separated seeds, e.g. 0,3,7 ('3,' for seed 3 alone).")
+    p.add_argument("--seeds_per_process", type=int, default=1,
+                   help="Seeds of a game trained together in one process (one job, one GPU), every model vmapped "
+                        "over them: the run <Game>-<s1>_<s2>_... with a seed_<s> directory per seed "
+                        "(default: %(default)s, one run per seed).")
     p.add_argument("--root", default="runs/atari100k",
                    help="Directory of the sweep; run <Game>-<seed> lives in <root>/<Game>-<seed> "
                         "(default: %(default)s).")
@@ -301,7 +309,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
-    minimum = {"max_parallel": 1, "gpus_per_run": 1, "cpus_per_run": 1, "mem_gb": 1, "array_parallelism": 1,
+    minimum = {"seeds_per_process": 1, "max_parallel": 1, "gpus_per_run": 1, "cpus_per_run": 1, "mem_gb": 1, "array_parallelism": 1,
                "signal_delay_s": 60, "max_timeouts": 0}
     for name, low in minimum.items():
         value = getattr(args, name)
@@ -328,7 +336,7 @@ def _launch(args: argparse.Namespace) -> int:
     overrides = parse_overrides(args.config_override, args.preset)
     root = check_root(args.root)
     slurm = _import_slurm() if args.launcher == "slurm" else None
-    runs = plan(games, seeds, root, args.preset, overrides)
+    runs = plan(games, seeds, root, args.preset, overrides, seeds_per_process=args.seeds_per_process)
     queued = slurm.queued(runs) if slurm else frozenset()
     states = [state(run, queued) for run in runs]
     to_run = [run for run, s in zip(runs, states) if s in (NEW, RESUME, FAILED)]

@@ -330,3 +330,20 @@ def test_more_parallel_runs_than_gpus_is_refused(tmp_path, capsys, monkeypatch):
     assert sweep.main([f"--root={tmp_path}", "--games=Pong", "--seeds=2", "--launcher=local",
                        "--max_parallel=2"]) == 2
     assert "--max_parallel=2, but this machine shows 1 GPUs (0)" in capsys.readouterr().err
+
+
+def test_seeds_per_process_groups_the_seeds_of_a_game_and_tracks_each_seed(tmp_path):
+    runs = sweep.plan(["Pong"], [0, 1, 2, 3, 4], str(tmp_path), seeds_per_process=2)
+    assert [r.name for r in runs] == ["Pong-0_1", "Pong-2_3", "Pong-4"]
+    assert "--config.seeds=0,1" in runs[0].command and f"--workdir={tmp_path}/Pong-0_1" in runs[0].command
+    assert "--config.seed=4" in runs[2].command and runs[2].workdir == str(tmp_path / "Pong-4")
+    group = runs[0]
+    assert launch.runs.state(group) == launch.runs.NEW
+    (tmp_path / "Pong-0_1" / "seed_1" / "checkpoints" / "3").mkdir(parents=True)
+    assert launch.runs.state(group) == launch.runs.RESUME
+    (tmp_path / "Pong-0_1" / "seed_0").mkdir()
+    (tmp_path / "Pong-0_1" / "seed_0" / "results.json").write_text("{}")
+    assert launch.runs.state(group) == launch.runs.RESUME  # seed 1 is not done: the group runs (seed 0 skipped)
+    (tmp_path / "Pong-0_1" / "seed_1" / "results.json").write_text("{}")
+    assert launch.runs.state(group) == launch.runs.DONE
+    assert launch.runs.record_exit(group, 0) == launch.runs.DONE

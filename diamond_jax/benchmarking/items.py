@@ -349,6 +349,59 @@ def sampling(setup: Setup) -> Item:
                 rate=lambda: fixtures.benchmark_sampling(config, num_batches))
 
 
+def _stacked(setup: Setup, tree: Any, num_seeds: int, sharding) -> Any:
+    """num_seeds distinct copies of a pytree on a leading seed axis, placed (a seed group's state)."""
+    return jax.device_put(jax.tree.map(lambda x: jnp.stack([x] * num_seeds), tree), sharding)
+
+
+def group_rollout(setup: Setup, num_seeds: int) -> Item:
+    """imagination_rollout for a seed group: one program vmapped over num_seeds seeds (training/group.py)."""
+    b, horizon = _batch_size(setup, "actor_critic"), setup.config.world_model_env.horizon
+    state, pool = _imagination_start(setup, b)
+    rep, data = parallel.replicated(setup.mesh), parallel.seeds_data_sharded(setup.mesh)
+    rollout = jax.vmap(functools.partial(imagination.rollout, setup.agent, horizon=horizon))
+    jitted = jax.jit(rollout, in_shardings=(rep, data, data, rep), out_shardings=(data, data), donate_argnums=(1,))
+    args = (_stacked(setup, setup.variables, num_seeds, rep), _stacked(setup, state, num_seeds, data),
+            _stacked(setup, pool, num_seeds, data), jax.device_put(jax.random.split(setup.key, num_seeds), rep))
+    return Item(f"imagination_rollout of a group of {num_seeds} seeds in one vmapped program: batch {b} per seed; "
+                f"the rate counts the frames of all the seeds (per seed: divide by {num_seeds})", None,
+                b * num_seeds, b * horizon * num_seeds, "imagined frames/s",
+                program=Program(jitted, args, lambda args, out: (args[0], out[1]) + args[2:]))
+
+
+def group_phase(setup: Setup, name: str, num_seeds: int) -> Item:
+    """A model's phase call as a seed group of num_seeds seeds makes it (phases.make_phase with num_seeds)."""
+    config, agent = setup.config, setup.agent
+    scan = phases.use_scan(config.training.phase_loop, setup.mesh.devices.flat[0].platform)
+    n = config.training.steps_per_call if scan else 1
+    b = _batch_size(setup, name)
+    optimizer = steps.optimizer_from_config(config[name])
+    chunk = phases.make_phase(agent, config, name, optimizer, setup.mesh, n, scan, num_seeds=num_seeds)
+    rep, data = parallel.replicated(setup.mesh), parallel.seeds_data_sharded(setup.mesh)
+    state = _stacked(setup, steps.TrainState.create(setup.variables[name], optimizer), num_seeds, rep)
+    replay = _stacked(setup, _device_replay(setup), num_seeds, rep)
+    keys, first = jax.device_put(jax.random.split(setup.key, num_seeds), rep), jnp.int32(0)
+    if name == "actor_critic":
+        imagined = phases.make_imagination_start(agent, config, setup.mesh)(setup.variables, _device_replay(setup),
+                                                                             setup.key)
+        args = (state, _stacked(setup, imagined, num_seeds, data),
+                _stacked(setup, _world_model(setup), num_seeds, rep), replay, keys, first)
+        program = Program(chunk, args, lambda args, out: (out[0], out[1]) + args[2:])
+    else:
+        program = Program(chunk, (state, replay, keys, first), next_state)
+    return Item(f"{name} phase of a group of {num_seeds} seeds in one vmapped program, as training/group.py calls "
+                f"it: {n} update(s) of every seed per call, batch {b} per seed; the rate counts the updates of all "
+                f"the seeds", None, b * num_seeds, n * num_seeds, "seed-updates/s", program=program)
+
+
+# Group sizes of the seed-group items: rollouts for the scaling with the number of seeds, and the three phases
+# for the projection of one game's 5 seeds in one process (benchmarking/report.py).
+GROUP_ROLLOUT_SEEDS = (2, 4, 8)
+GROUP_PHASE_SEEDS = 5
+GROUP_PHASE_ITEMS = {"denoiser": f"denoiser_phase_seeds{GROUP_PHASE_SEEDS}",
+                     "rew_end_model": f"rew_end_phase_seeds{GROUP_PHASE_SEEDS}",
+                     "actor_critic": f"actor_critic_phase_seeds{GROUP_PHASE_SEEDS}"}
+
 ITEMS: Dict[str, Callable[[Setup], Item]] = {
     "inner_model_forward": inner_model_forward,
     "denoiser_train_step": denoiser_train_step,
@@ -364,4 +417,7 @@ ITEMS: Dict[str, Callable[[Setup], Item]] = {
     "actor_critic_phase": actor_critic_phase,
     "collection": collection,
     "sampling": sampling,
+    **{f"imagination_rollout_seeds{n}": functools.partial(group_rollout, num_seeds=n) for n in GROUP_ROLLOUT_SEEDS},
+    **{item: functools.partial(group_phase, name=name, num_seeds=GROUP_PHASE_SEEDS)
+       for name, item in GROUP_PHASE_ITEMS.items()},
 }

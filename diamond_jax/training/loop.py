@@ -68,13 +68,16 @@ class Progress:
 
 
 class Trainer:
-    def __init__(self, config: config_dict.ConfigDict, workdir: str, mesh=None):
+    def __init__(self, config: config_dict.ConfigDict, workdir: str, mesh=None, managed: bool = False):
+        """managed: one seed of a seed group (training/group.py), which holds the lock, decides when to save
+        and stop, and trains the models of all its seeds in one program; this trainer does the rest."""
         self.config = config
         self.workdir = os.path.abspath(workdir)
+        self.managed = managed
         # With several processes (jax.distributed), every process computes the same run (collection is seeded
         # alike) and process 0 alone writes files; orbax coordinates the processes for checkpoints itself.
         self.is_writer = jax.process_index() == 0
-        self.lock = open_workdir(self.workdir, config, lock=self.is_writer)
+        self.lock = open_workdir(self.workdir, config, lock=self.is_writer and not managed)
         self.mesh = mesh or parallel.make_mesh(config.num_devices)
         for name in MODEL_NAMES:
             parallel.check_batch_size(config[name].training.batch_size, self.mesh, f"{name}.training.batch_size")
@@ -182,6 +185,8 @@ class Trainer:
 
     def _maybe_stop_or_save(self) -> None:
         """Between two compiled calls: honours a stop request, or saves when `every_minutes` have passed."""
+        if self.managed:  # the group decides, for all its seeds at once
+            return
         minutes = self.config.checkpoint.every_minutes
         due = bool(minutes) and time.monotonic() - self._last_save > 60 * minutes
         # With several processes, a signal or a clock seen by one stops or saves them all (a save is collective).

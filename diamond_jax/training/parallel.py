@@ -76,6 +76,12 @@ def data_sharded(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
 
+def seeds_data_sharded(mesh: Mesh) -> NamedSharding:
+    """A seed group's per-seed batches [seeds, batch, ...]: every device holds every seed, and each seed's batch
+    axis is split over the mesh as a single run's is (training/group.py)."""
+    return NamedSharding(mesh, PartitionSpec(None, DATA_AXIS))
+
+
 def place(tree: Any, sharding: Any) -> Any:
     """jax.device_put onto the mesh, in a run of one process or several (every process passing the same values).
 

@@ -89,10 +89,26 @@ def _updates(body, carry, num_steps: int, scan: bool):
     return carry, jax.tree.map(lambda x: x[None], out)
 
 
-def make_model_phase(update, sample_batch, mesh: Mesh, num_steps: int, scan: bool = True):
+def _compile(chunk, mesh: Mesh, batched: Tuple[bool, ...], batched_outputs: Tuple[bool, ...],
+             donate: Tuple[int, ...], num_seeds: Optional[int]):
+    """jit(chunk) with its arguments and outputs replicated, or split over the data axis where `batched` says
+    (rows of imagined environments). With num_seeds, chunk is vmapped over a leading seed axis of every argument
+    but the last (first_step, shared by the seeds) and of every output: a seed group's one program for all its
+    seeds (training/group.py)."""
+    rep = parallel.replicated(mesh)
+    data = parallel.seeds_data_sharded(mesh) if num_seeds else parallel.data_sharded(mesh)
+    if num_seeds:
+        chunk = jax.vmap(chunk, in_axes=(0,) * (len(batched) - 1) + (None,))
+    return jax.jit(chunk, in_shardings=tuple(data if b else rep for b in batched),
+                   out_shardings=tuple(data if b else rep for b in batched_outputs), donate_argnums=donate)
+
+
+def make_model_phase(update, sample_batch, mesh: Mesh, num_steps: int, scan: bool = True,
+                     num_seeds: Optional[int] = None):
     """chunk(state, replay, key, first_step) -> (state, metrics stacked over num_steps updates); replay is what
-    sample_batch samples from (a DeviceReplay, or a latent agent's LatentReplay)."""
-    rep, data = parallel.replicated(mesh), parallel.data_sharded(mesh)
+    sample_batch samples from (a DeviceReplay, or a latent agent's LatentReplay). With num_seeds, state, replay,
+    key and the metrics have a leading seed axis."""
+    data = parallel.data_sharded(mesh)
 
     def chunk(state: TrainState, replay: DeviceReplay, key: jax.Array, first_step: jax.Array):
         def body(state, i):
@@ -102,13 +118,15 @@ def make_model_phase(update, sample_batch, mesh: Mesh, num_steps: int, scan: boo
 
         return _updates(body, state, num_steps, scan)
 
-    return jax.jit(chunk, in_shardings=(rep, rep, rep, rep), out_shardings=(rep, rep), donate_argnums=(0,))
+    return _compile(chunk, mesh, (False,) * 4, (False, False), (0,), num_seeds)
 
 
-def make_actor_critic_phase(agent: Agent, config, optimizer, mesh: Mesh, num_steps: int, scan: bool = True):
+def make_actor_critic_phase(agent: Agent, config, optimizer, mesh: Mesh, num_steps: int, scan: bool = True,
+                            num_seeds: Optional[int] = None):
     """chunk(state, imagined, world_model, replay, key, first_step) -> (state, imagined, metrics): updates of
-    the actor-critic, each through one imagined rollout continuing the imagined environments' state."""
-    rep, data = parallel.replicated(mesh), parallel.data_sharded(mesh)
+    the actor-critic, each through one imagined rollout continuing the imagined environments' state. With
+    num_seeds, every argument but first_step and every output has a leading seed axis."""
+    data = parallel.data_sharded(mesh)
     b = config.actor_critic.training.batch_size
     k = config.world_model_env.initial_conditions_per_row
     sample_pool = initial_conditions_sampler(config, b * k)
@@ -128,19 +146,22 @@ def make_actor_critic_phase(agent: Agent, config, optimizer, mesh: Mesh, num_ste
         (state, imagined), metrics = _updates(body, (state, imagined), num_steps, scan)
         return state, imagined, metrics
 
-    return jax.jit(chunk, in_shardings=(rep, data, rep, rep, rep, rep), out_shardings=(rep, data, rep),
-                   donate_argnums=(0, 1))
+    return _compile(chunk, mesh, (False, True, False, False, False, False), (False, True, False), (0, 1),
+                    num_seeds)
 
 
-def make_phase(agent: Agent, config, name: str, optimizer, mesh: Mesh, num_steps: int, scan: bool):
+def make_phase(agent: Agent, config, name: str, optimizer, mesh: Mesh, num_steps: int, scan: bool,
+               num_seeds: Optional[int] = None):
     """The compiled call of one model's phase as training runs it: num_steps updates (1 without scan).
     denoiser / rew_end_model: chunk(state, replay, key, first_step) -> (state, metrics), replay a LatentReplay
     for a latent agent's denoiser;
-    actor_critic: chunk(state, imagined, world_model, replay, key, first_step) -> (state, imagined, metrics)."""
+    actor_critic: chunk(state, imagined, world_model, replay, key, first_step) -> (state, imagined, metrics).
+    With num_seeds: the same for a seed group, every argument but first_step stacked over the seeds."""
     if name == "actor_critic":
-        return make_actor_critic_phase(agent, config, optimizer, mesh, num_steps, scan=scan)
+        return make_actor_critic_phase(agent, config, optimizer, mesh, num_steps, scan=scan, num_seeds=num_seeds)
     update = steps.make_update(getattr(agent, name).loss, optimizer)
-    return make_model_phase(update, batch_sampler(config, name, agent), mesh, num_steps, scan=scan)
+    return make_model_phase(update, batch_sampler(config, name, agent), mesh, num_steps, scan=scan,
+                            num_seeds=num_seeds)
 
 
 def make_imagination_start(agent: Agent, config, mesh: Mesh):

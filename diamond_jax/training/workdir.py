@@ -24,7 +24,7 @@ CONFIG_FILE = "config.json"
 # and everything else would make the saved state or its data mean something else, and stay refused.
 # An entry ending in "." covers a whole section; a "*" stands for any one model's section.
 RESUMABLE_CHANGES = ("num_devices", "checkpoint.", "training.steps_per_call", "training.phase_loop",
-                     "evaluation.every", "*.optimizer.lr", "*.training.max_grad_norm")
+                     "training.seed_loop", "evaluation.every", "*.optimizer.lr", "*.training.max_grad_norm")
 # Fields that later versions added, with the value that computes what runs saved before them computed: a saved
 # config without the field resumes under that value.
 # (Runs of the first release ended an episode at every decrease of the life counter.)
@@ -36,7 +36,8 @@ ADDED_FIELDS = {"env.backend": "envpool", "training.phase_loop": "auto", "collec
                 "denoiser.conditioning": "frame_stack", "denoiser.condition_dropout": 0.0,
                 "denoiser.condition_dropout_target": "all", "denoiser.cross_attention.": INERT,
                 "world_model_env.sampler.guidance_scale": 0.0, "sampler.guidance_scale": 0.0,
-                "denoiser.space": "pixel", "autoencoder.": INERT, "denoiser.training.include_final_frame": False}
+                "denoiser.space": "pixel", "autoencoder.": INERT, "denoiser.training.include_final_frame": False,
+                "seeds": (), "training.seed_loop": "auto"}
 
 
 class WorkdirInUse(OSError):
