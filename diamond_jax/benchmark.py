@@ -28,9 +28,13 @@ is our median time over the reference's (< 1: ours is faster). Items, with the p
                               near the lone update's shows training runs at the benchmark's rate)
   collection                  the training collector, policy acting           env steps/s
   sampling                    fixtures.benchmark_sampling                     segments/s
+  imagination_rollout_seeds{2,4,8}  the rollout of a seed group, one vmapped  imagined frames/s (all seeds)
+                              program for all its seeds (training/group.py)
+  {denoiser,rew_end,actor_critic}_phase_seeds5  a group phase call, 5 seeds   seed-updates/s
 
 The projection adds up one run's phases at the measured rates: each model's updates,
 batch sampling, collection, evaluation episodes (--eval_episode_steps each) and the updates' compile times.
+The group projection does the same for one game's 5 seeds in one process, from the group phase items.
 """
 
 import datetime
@@ -55,7 +59,7 @@ from ml_collections import config_flags
 from diamond_jax.agent import MODEL_NAMES, Agent
 from diamond_jax.benchmarking import device as device_lib
 from diamond_jax.benchmarking import report, timing
-from diamond_jax.benchmarking.items import ITEMS, Setup
+from diamond_jax.benchmarking.items import GROUP_PHASE_ITEMS, GROUP_PHASE_SEEDS, ITEMS, Setup
 from diamond_jax import config as config_lib
 from diamond_jax.config import CPU_DEVICES_HELP
 from diamond_jax import envs
@@ -261,7 +265,9 @@ def main(argv: List[str]) -> None:
               + (f", compiled in {r['compile_s']:.1f} s" if r["compile_s"] is not None else ""), flush=True)
 
     out = {"meta": meta, "params": params, "results": results,
-           "projection": report.project_run(config, results, _EVAL_EPISODE_STEPS.value)}
+           "projection": report.project_run(config, results, _EVAL_EPISODE_STEPS.value),
+           "projection_group": report.project_group(config, results, _EVAL_EPISODE_STEPS.value,
+                                                    GROUP_PHASE_ITEMS, GROUP_PHASE_SEEDS)}
     comparison = None
     if reference is not None:
         comparison = report.compare_with_reference(results, meta["device_name"], params, reference,
@@ -278,6 +284,8 @@ def main(argv: List[str]) -> None:
     print(report.results_table(results, comparison))
     print()
     print(report.projection_table(out["projection"]))
+    print()
+    print(report.projection_table(out["projection_group"]))
     with open(_JSON.value, "w") as f:
         json.dump(finite(out), f, indent=2, allow_nan=False)
     print(f"wrote {_JSON.value}")

@@ -214,3 +214,34 @@ def test_phase_item_times_the_training_loops_call(run):
     phase = out["results"]["denoiser_phase"]
     assert "one update, no loop" in phase["what"] and phase["throughput_unit"] == "updates/s"
     assert phase["throughput_per_s"] == pytest.approx(1e3 / phase["median_ms"])
+
+
+def test_group_projection_by_phase():
+    """5 seeds: every seed's updates at the group phases' seed-update rates, every seed's collection in turn."""
+    config = atari100k.get_config("")
+    rates = {"denoiser_phase_seeds5": 50.0, "rew_end_phase_seeds5": 100.0, "actor_critic_phase_seeds5": 10.0,
+             "collection": 1000.0}
+    results = {k: {"median_ms": 1.0, "throughput_per_s": tp, "compile_s": 20.0} for k, tp in rates.items()}
+    items = {"denoiser": "denoiser_phase_seeds5", "rew_end_model": "rew_end_phase_seeds5",
+             "actor_critic": "actor_critic_phase_seeds5"}
+    p = report.project_group(config, results, 2000, items, 5)
+    phases = p["phases"]
+    assert phases["denoiser_updates"]["seconds"] == pytest.approx(409_600 * 5 / 50)
+    assert phases["actor_critic_updates"]["seconds"] == pytest.approx(404_600 * 5 / 10)
+    assert phases["collection"]["seconds"] == pytest.approx(100_000 * 5 / 1000)
+    assert phases["evaluation"]["seconds"] == pytest.approx(500 * 2000 * 5 / 1000)
+    assert phases["compilation"]["seconds"] == pytest.approx(60.0)
+    assert p["total_hours"] == pytest.approx(sum(ph["seconds"] for ph in phases.values()) / 3600)
+    del results["rew_end_phase_seeds5"]
+    assert report.project_group(config, results, 2000, items, 5)["missing_items"] == ["rew_end_phase_seeds5"]
+
+
+def test_group_items_run_on_the_debug_config(debug_config, debug_agent):
+    """A seed-group item's program runs and counts the work of all its seeds."""
+    agent, variables = debug_agent
+    setup = items.Setup(debug_config, agent, variables, parallel.make_mesh(1), jax.random.key(0), 1, 1)
+    item = items.ITEMS["imagination_rollout_seeds2"](setup)
+    b, horizon = debug_config.actor_critic.training.batch_size, debug_config.world_model_env.horizon
+    assert item.units_per_call == 2 * b * horizon and item.unit == "imagined frames/s"
+    traj, _ = item.program.jitted(*item.program.args)
+    assert traj.obs.shape[:3] == (2, b, horizon)  # the trajectories of both seeds

@@ -169,6 +169,33 @@ def project_run(config: config_dict.ConfigDict, results: Dict[str, Dict[str, Any
     }
 
 
+def project_group(config: config_dict.ConfigDict, results: Dict[str, Dict[str, Any]], eval_episode_steps: int,
+                  phase_items: Dict[str, str], num_seeds: int) -> Dict[str, Any]:
+    """Hours of one game's num_seeds seeds trained as one group (training/group.py) on this mesh: each model's
+    updates at the rate of its group phase item (phase_items: model -> item; its calls update every seed, batches
+    sampled inside), and every seed's collection and test episodes one seed after another at the collection rate.
+    Compilation: the group phases' compile_s."""
+    s = schedule(config)
+
+    def phase(item: str, count: float, unit: str) -> Dict[str, Any]:
+        r = results.get(item)
+        seconds = None if r is None else count / r["throughput_per_s"]
+        return {"item": item, "count": count, "unit": unit, "seconds": seconds,
+                "hours": None if seconds is None else seconds / 3600}
+
+    phases = {f"{m}_updates": phase(phase_items[m], s["updates"][m] * num_seeds, "seed-updates") for m in MODEL_NAMES}
+    phases["collection"] = phase("collection", s["env_steps"] * num_seeds, "env steps")
+    phases["evaluation"] = phase("collection", s["test_episodes"] * eval_episode_steps * num_seeds, "env steps")
+    compiled = [results.get(item) for item in phase_items.values()]
+    compile_s = None if None in compiled else sum(r["compile_s"] for r in compiled)
+    phases["compilation"] = {"item": "the 3 group phases' compile_s", "count": 1, "unit": "once",
+                             "seconds": compile_s, "hours": None if compile_s is None else compile_s / 3600}
+    missing = sorted((set(phase_items.values()) | {"collection"}) - set(results))
+    total = None if missing else sum(p["seconds"] for p in phases.values())
+    return {"schedule": s, "num_seeds": num_seeds, "eval_episode_steps": eval_episode_steps, "phases": phases,
+            "total_hours": None if total is None else total / 3600, "missing_items": missing}
+
+
 # ---- Tables.
 
 
@@ -197,7 +224,8 @@ def results_table(results: Dict[str, Dict[str, Any]], comparison: Optional[Dict[
 
 def projection_table(projection: Dict[str, Any]) -> str:
     s = projection["schedule"]
-    lines = [f"projected run: {s['num_epochs']} epochs, updates {s['updates']}, {s['env_steps']:,} env steps, "
+    group = f"{projection['num_seeds']} seeds in one process, each " if "num_seeds" in projection else ""
+    lines = [f"projected run: {group}{s['num_epochs']} epochs, updates {s['updates']}, {s['env_steps']:,} env steps, "
              f"{s['test_episodes']} test episodes of {projection['eval_episode_steps']:,} steps",
              f"{'phase':24s} {'item':27s} {'count':>14s} {'hours':>8s}"]
     for name, p in projection["phases"].items():
