@@ -21,6 +21,24 @@ from configs import atari100k  # noqa: E402
 from diamond_jax.agent import Agent  # noqa: E402
 
 
+def stopping_after(trainer_class):
+    """trainer_class (a run's or a seed group's trainer) made to ask itself to stop at its n-th opportunity to
+    save (`stop_after=n`), as a SIGTERM arriving then would."""
+
+    class StopsAfter(trainer_class):
+        def __init__(self, *args, stop_after: int, **kwargs):
+            self._opportunities = stop_after
+            super().__init__(*args, **kwargs)
+
+        def _maybe_stop_or_save(self):
+            self._opportunities -= 1
+            if self._opportunities == 0:
+                self.request_stop()
+            return super()._maybe_stop_or_save()
+
+    return StopsAfter
+
+
 def with_fields(config, **fields):
     """The config with the given fields set, locked again: with_fields(c, **{"denoiser.optimizer.lr": 1e-3})."""
     config = config.unlock()

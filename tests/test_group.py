@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import minatar
-from conftest import with_fields
+from conftest import stopping_after, with_fields
 from diamond_jax.agent import Agent
 from diamond_jax.benchmarking.fixtures import synthetic_replay
 from diamond_jax.config import ConfigError, validate
@@ -148,18 +148,7 @@ def test_a_vmapped_group_computes_what_its_single_runs_compute(single_runs, tmp_
     assert group.GroupTrainer(config, workdir).run() == results  # finished: nothing to do
 
 
-class StopsAfter(group.GroupTrainer):
-    """Asks itself to stop at its n-th opportunity, as a SIGTERM would."""
-
-    def __init__(self, *args, stop_after, **kwargs):
-        self._opportunities = stop_after
-        super().__init__(*args, **kwargs)
-
-    def _maybe_stop_or_save(self):
-        self._opportunities -= 1
-        if self._opportunities == 0:
-            self.request_stop()
-        return super()._maybe_stop_or_save()
+StopsAfter = stopping_after(group.GroupTrainer)
 
 
 def test_a_stopped_group_resumes_to_the_same_result(single_runs, tmp_path):

@@ -19,7 +19,7 @@ import pytest
 from tensorboardX.proto import event_pb2
 
 from configs import atari100k
-from conftest import with_fields
+from conftest import stopping_after, with_fields
 from diamond_jax.data.replay import ReplayDataset
 from diamond_jax.training import loop
 from diamond_jax.training.agent_checkpoint import load_agent
@@ -125,18 +125,7 @@ def test_a_finished_run_is_not_trained_again(reference_run):
     assert scalar_events(workdir) == events  # and no empty event file beside it
 
 
-class StopsAfter(loop.Trainer):
-    """Asks itself to stop at its n-th opportunity, as a SIGTERM would."""
-
-    def __init__(self, *args, stop_after, **kwargs):
-        self._opportunities = stop_after
-        super().__init__(*args, **kwargs)
-
-    def _maybe_stop_or_save(self):
-        self._opportunities -= 1
-        if self._opportunities == 0:
-            self.request_stop()
-        super()._maybe_stop_or_save()
+StopsAfter = stopping_after(loop.Trainer)
 
 
 @pytest.mark.parametrize("stop_after", [3, 7])
