@@ -59,11 +59,13 @@ def test_stacked_replays_sample_what_each_replay_samples(debug_config):
                                     sample(replays[i], keys[i], 16, 5, (0.1, 0.1, 0.1, 0.7), False))
 
 
-@pytest.mark.parametrize("name, num_devices", [("denoiser", 1), ("actor_critic", 2)])
+@pytest.mark.parametrize("name, num_devices", [("denoiser", 1)])
 def test_one_vmapped_phase_call_equals_each_seeds_call(debug_config, name, num_devices):
     """Two seeds' states, keys and replays through one vmapped phase program against each seed's own program: the
     same parameters, metrics and imagination states up to float32 rounding (XLA sums the gradients of the vmapped
-    program in another order: differences of a few units in the last place, 6e-9 on Adam's moments here)."""
+    program in another order: differences of a few units in the last place, 6e-9 on Adam's moments here). One
+    device here; the vmapped group run below covers every phase (the actor-critic's with imagination) on two.
+    Any phase and device count can be passed."""
     mesh = parallel.make_mesh(num_devices)
     agent = Agent.from_config(debug_config, num_actions=4)
     optimizer = steps.optimizer_from_config(debug_config[name])
