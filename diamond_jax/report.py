@@ -144,6 +144,10 @@ def _read_results(path: Path) -> dict:
         raise _malformed(path, f"missing key(s) {', '.join(missing)}")
     if not isinstance(results["game"], str):
         raise _malformed(path, f"game={results['game']!r} is not a game name")
+    if results.get("suite", "atari100k") != "atari100k":
+        raise ReportError(f"{path} is a {results['suite']} run ({results['game']}): the score tables and plots are "
+                          "Atari 100k's (human-normalised). Fix: --curves for its learning curves, or leave its run "
+                          "directory out of the report's inputs.")
     try:
         scores.check_game(results["game"])
     except ValueError as e:

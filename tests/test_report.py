@@ -290,6 +290,14 @@ def test_malformed_results_raise_naming_the_file(three_games, content, problem):
         report.build_report([str(three_games)], reps=REPS, seed=0)
 
 
+def test_a_minatar_run_in_the_atari_report_points_to_curves(three_games):
+    path = three_games / "Pong_s0" / "results.json"
+    path.write_text(json.dumps({"suite": "minatar", "game": "Catch", "seed": 0, "returns": [1.0],
+                                "mean_return": 1.0}))
+    with pytest.raises(report.ReportError, match=f"{path} is a minatar run \\(Catch\\).*Fix: --curves"):
+        report.build_report([str(three_games)], reps=REPS, seed=0)
+
+
 def test_malformed_evaluations_raise_naming_the_file_and_line(three_games, tmp_path, capsys):
     path = three_games / "Boxing_s1" / "evaluations.jsonl"
     path.write_text(path.read_text() + json.dumps({"env_steps": "6000", "mean_return": 3.0}) + "\n")
