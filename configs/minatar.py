@@ -52,6 +52,11 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
     c.env.max_episode_steps = 1_000  # agent steps per episode (gymnax's MinAtar default cap)
     # MinAtar's own default is 0.1; 0 as in the Atari paper configuration (no sticky actions).
     c.env.repeat_action_probability = 0.0
+    # Overlapping objects show the colour of the highest channel, as MinAtar's display draws them, which puts the
+    # player (channel 0) under everything: in Asterix it is hidden in 2% of the frames (on gold, trails and
+    # enemies), and imagined rollouts lose it for good (docs/learning.md). True draws it on top instead; False
+    # keeps the documented runs' frames.
+    c.env.player_on_top = False
 
     t = c.collection.train
     # Environment steps of the whole run (Atari: 100k): 60 epochs, about 40 minutes of the 2-core CPU for one

@@ -14,7 +14,7 @@ from diamond_jax.config import ConfigError
 from diamond_jax.envs import gymnax_env
 from diamond_jax.envs.atari import AtariEnv
 
-WHITE, RED, GREEN = gymnax_env.PALETTE[0], gymnax_env.PALETTE[1], gymnax_env.PALETTE[2]
+WHITE, RED, GREEN, YELLOW = gymnax_env.PALETTE[:4]
 
 
 def catch_config(**env):
@@ -36,6 +36,16 @@ def test_render_draws_the_highest_active_channel_in_blocks():
     expected[0:3, 2:4] = GREEN
     expected[3:6, 4:6] = RED
     np.testing.assert_array_equal(frame, expected)
+
+
+def test_render_can_draw_the_player_above_the_other_channels():
+    grid = np.zeros((1, 3, 4), np.float32)
+    grid[0, 0, 0] = grid[0, 0, 3] = 1  # the player on gold: white on top
+    grid[0, 1, 1] = grid[0, 1, 2] = 1  # red under green, as without the option
+    grid[0, 2, 0] = 1  # the player alone
+    frame = np.asarray(gymnax_env.render(grid, 3, player_on_top=True))
+    np.testing.assert_array_equal(frame[0], [WHITE, GREEN, WHITE])
+    assert (np.asarray(gymnax_env.render(grid, 3))[0, 0] == YELLOW).all()  # MinAtar's order: gold over the player
 
 
 def test_every_game_makes_uint8_rgb_frames_with_its_actions():

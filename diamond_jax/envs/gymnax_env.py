@@ -3,7 +3,7 @@
 Their observations are binary grids, one channel per kind of object (Catch: one channel, 10 rows x 5 columns;
 MinAtar: 10 x 10 with 4 to 10 channels). They are drawn as RGB frames: black background, each cell the
 colour of its highest-indexed active channel in `PALETTE` (MinAtar's own display draws overlapping objects
-the same way), and upscaled by nearest neighbour to `config.env.size` square (each grid row and column becomes a block of
+the same way; `env.player_on_top` draws channel 0, the player, above them instead), and upscaled by nearest neighbour to `config.env.size` square (each grid row and column becomes a block of
 size / rows by size / columns pixels, so size must be a multiple of both).
 
 Reset and step are jitted and vectorised over `num_envs`; env i draws its randomness from
@@ -100,17 +100,23 @@ def check_size(game: str, size: int) -> None:
                          f"e.g. --config.env.size={2 * int(np.lcm(rows, cols))}.")
 
 
-def render(grid: jax.Array, size: int) -> jax.Array:
+def render(grid: jax.Array, size: int, player_on_top: bool = False) -> jax.Array:
     """Binary grids [..., rows, cols, channels] -> uint8 RGB frames [..., size, size, 3]: each cell the colour
-    of its highest-indexed active channel, black where none is."""
+    of its highest-indexed active channel, black where none is; with player_on_top, channel 0 (the player in
+    every MinAtar game) is drawn above the others instead of under them."""
     channels = grid.shape[-1]
     if channels > len(PALETTE):
         raise ConfigError(f"{channels} channels but the palette has {len(PALETTE)} colours")
     active = grid > 0.5
-    # 1 + index of the highest active channel, 0 for an empty cell.
-    top = jnp.max(jnp.where(active, jnp.arange(1, channels + 1), 0), axis=-1)
-    colours = jnp.concatenate([jnp.zeros((1, 3), jnp.uint8), jnp.asarray(PALETTE[:channels])])
-    rgb = colours[top]
+    # Each channel's rank in the drawing order (1 + its index; channel 0 last when it goes on top), and 0 for an
+    # empty cell: a cell shows the colour of its highest-ranked active channel.
+    rank = np.arange(1, channels + 1)
+    colours = [np.zeros((1, 3), np.uint8), PALETTE[:channels]]
+    if player_on_top:
+        rank[0] = channels + 1
+        colours.append(PALETTE[:1])
+    top = jnp.max(jnp.where(active, jnp.asarray(rank), 0), axis=-1)
+    rgb = jnp.asarray(np.concatenate(colours))[top]
     rows, cols = grid.shape[-3], grid.shape[-2]
     return jnp.repeat(jnp.repeat(rgb, size // rows, axis=-3), size // cols, axis=-2)
 
@@ -119,7 +125,7 @@ class GymnaxEnv:
     """A batch of `num_envs` gymnax games stepped together on the default JAX device; an `envs.base.Env`."""
 
     def __init__(self, game: str, num_envs: int, size: int, max_episode_steps: int,
-                 repeat_action_probability: float, seed: int):
+                 repeat_action_probability: float, seed: int, player_on_top: bool = False):
         check_game(game)
         check_size(game, size)
         env, params = _gymnax_env(game)
@@ -132,7 +138,7 @@ class GymnaxEnv:
         catch = game == "Catch"
 
         def frame(obs):
-            return render(obs[..., None] if catch else obs, size)
+            return render(obs[..., None] if catch else obs, size, player_on_top)
 
         def reset_one(key):
             key, key_reset = jax.random.split(key)
@@ -176,4 +182,6 @@ class GymnaxEnv:
 
 def make_gymnax_env(game: str, env_config: config_dict.ConfigDict, num_envs: int, seed: int) -> GymnaxEnv:
     c = env_config
-    return GymnaxEnv(game, num_envs, c.size, c.max_episode_steps, c.repeat_action_probability, seed)
+    # Configs saved before env.player_on_top existed drew the player under the other objects.
+    return GymnaxEnv(game, num_envs, c.size, c.max_episode_steps, c.repeat_action_probability, seed,
+                     c.get("player_on_top", False))

@@ -37,7 +37,7 @@ ADDED_FIELDS = {"env.backend": "envpool", "training.phase_loop": "auto", "collec
                 "denoiser.condition_dropout_target": "all", "denoiser.cross_attention.": INERT,
                 "world_model_env.sampler.guidance_scale": 0.0, "sampler.guidance_scale": 0.0,
                 "denoiser.space": "pixel", "autoencoder.": INERT, "denoiser.training.include_final_frame": False,
-                "seeds": (), "training.seed_loop": "auto"}
+                "seeds": (), "training.seed_loop": "auto", "env.player_on_top": False}
 
 
 class WorkdirInUse(OSError):
