@@ -65,7 +65,10 @@ def run_processes(tmp_path, variables, batches):
     """The layout and results of each of NUM_PROCESSES worker processes, each given only its rows."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}",
                JAX_NUM_PROCESSES=str(NUM_PROCESSES), PYTHONPATH=REPO)
-    env.pop("XLA_FLAGS", None)  # one device per process, as the worker asks (no fake devices)
+    # One device per process, as the worker asks (no fake devices); the compiler flags stay those of this
+    # process (tests/conftest.py), whose results the workers' must equal bit for bit.
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                                if not f.startswith("--xla_force_host_platform_device_count"))
     procs = []
     for p in range(NUM_PROCESSES):
         with open(tmp_path / f"inputs_{p}.pkl", "wb") as f:
