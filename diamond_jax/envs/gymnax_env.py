@@ -3,8 +3,9 @@
 Their observations are binary grids, one channel per kind of object (Catch: one channel, 10 rows x 5 columns;
 MinAtar: 10 x 10 with 4 to 10 channels). They are drawn as RGB frames: black background, each cell the
 colour of its highest-indexed active channel in `PALETTE` (MinAtar's own display draws overlapping objects
-the same way; `env.player_on_top` draws channel 0, the player, above them instead), and upscaled by nearest neighbour to `config.env.size` square (each grid row and column becomes a block of
-size / rows by size / columns pixels, so size must be a multiple of both).
+the same way; `env.player_on_top` draws channel 0, the player, above them instead), and upscaled by nearest
+neighbour to `config.env.size` square (each grid row and column becomes a block of size / rows by size / columns
+pixels, so size must be a multiple of both).
 
 Reset and step are jitted and vectorised over `num_envs`; env i draws its randomness from
 `jax.random.key(seed + i)`. An episode that ends is reset within the same step (`EnvStep.final_obs` keeps
