@@ -54,8 +54,9 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
     c.env.repeat_action_probability = 0.0
     # Overlapping objects show the colour of the highest channel, as MinAtar's display draws them, which puts the
     # player (channel 0) under everything: in Asterix it is hidden in 2% of the frames (on gold, trails and
-    # enemies), and imagined rollouts lose it for good (docs/learning.md). True draws it on top instead; False
-    # keeps the documented runs' frames.
+    # enemies), and imagined rollouts lose it for good (docs/learning.md). True draws it on top instead (alone it
+    # did not make Asterix learn: its other objects fade in imagination too); False keeps the documented runs'
+    # frames.
     c.env.player_on_top = False
 
     t = c.collection.train
